@@ -1,0 +1,1 @@
+"""jaxee: early-exit sampling for diffusion transformers in JAX/Flax."""
