@@ -1,0 +1,83 @@
+"""Sampler registry: one name, one jitted `lax.scan`, one host-side list of network times.
+
+The samplers reproduce the originals used by DiT and U-ViT (`research/dit_uvit.md` A6, B6):
+
+| name             | original                                         | schedule              |
+|------------------|--------------------------------------------------|-----------------------|
+| `ddpm`           | DiT `p_sample_loop` (learned sigma)              | `DiscreteDiffusion`   |
+| `ddim`           | DiT `ddim_sample_loop` (eta)                     | `DiscreteDiffusion`   |
+| `euler_maruyama` | U-ViT `sde.euler_maruyama(ReverseSDE)`           | `VPSDE`               |
+| `euler_ode`      | U-ViT `sde.euler_maruyama(ODE)`                  | `VPSDE`               |
+| `dpm_solver`     | U-ViT `dpm_solver_pytorch` fast (noise, logSNR)  | `VPSDE`               |
+| `dpm_solver_pp`  | U-ViT `dpm_solver_pp` 'fast' (data, time grid)   | `SDDiscreteSchedule`  |
+
+Every sampler has the signature
+
+    sample(denoise, schedule, rng, x_T=None, *, shape=None, cache=None, **options)
+        -> (x_final, cache, stats)
+
+where `denoise(x, t_net, nfe_index, cache) -> (model_out, cache, stats)` follows
+`docs/ARCHITECTURE.md`, and `stats` leaves come back with shape (num_nfe,). Its host twin
+`nfe_times(schedule, **options)` lists the float32 network times per NFE, in order, so that a plan
+can be compiled to per-NFE tables before tracing. Options: `eta` (ddim); `steps`, `eps`, `T`
+(continuous samplers). DDPM/DDIM take their step count from the respaced schedule.
+"""
+from typing import Callable, NamedTuple
+
+from jaxee.diffusion import dpm_solver
+from jaxee.diffusion import samplers_discrete
+from jaxee.diffusion import samplers_sde
+
+
+class Sampler(NamedTuple):
+  """A registered sampler.
+
+  Attributes:
+    name: registry name.
+    sample: `sample(denoise, schedule, rng, x_T=None, *, shape=None, cache=None, **options)`.
+    nfe_times: `nfe_times(schedule, **options) -> np.ndarray` (float32, network times per NFE).
+    num_nfe: `num_nfe(schedule, **options) -> int`.
+  """
+  name: str
+  sample: Callable
+  nfe_times: Callable
+  num_nfe: Callable
+
+
+_REGISTRY = {
+    "ddpm": Sampler("ddpm", samplers_discrete.ddpm_sample, samplers_discrete.nfe_times,
+                    samplers_discrete.num_nfe),
+    "ddim": Sampler("ddim", samplers_discrete.ddim_sample, samplers_discrete.nfe_times,
+                    samplers_discrete.num_nfe),
+    "euler_maruyama": Sampler("euler_maruyama", samplers_sde.euler_maruyama_sample,
+                              samplers_sde.nfe_times, samplers_sde.num_nfe),
+    "euler_ode": Sampler("euler_ode", samplers_sde.euler_ode_sample, samplers_sde.nfe_times,
+                         samplers_sde.num_nfe),
+    "dpm_solver": Sampler("dpm_solver", dpm_solver.dpm_solver_sample, dpm_solver.nfe_times_fast,
+                          dpm_solver.num_nfe),
+    "dpm_solver_pp": Sampler("dpm_solver_pp", dpm_solver.dpm_solver_pp_sample,
+                             dpm_solver.nfe_times_pp, dpm_solver.num_nfe),
+}
+
+SAMPLERS = tuple(_REGISTRY)
+
+# Convenience re-exports.
+ddpm_sample = samplers_discrete.ddpm_sample
+ddim_sample = samplers_discrete.ddim_sample
+euler_maruyama_sample = samplers_sde.euler_maruyama_sample
+euler_ode_sample = samplers_sde.euler_ode_sample
+dpm_solver_sample = dpm_solver.dpm_solver_sample
+dpm_solver_pp_sample = dpm_solver.dpm_solver_pp_sample
+
+
+def get_sampler(name: str) -> Sampler:
+  """Returns the registered `Sampler` called `name` (one of `SAMPLERS`)."""
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}") from None
+
+
+def nfe_times(name: str, schedule, **options):
+  """Host-side network times per NFE of sampler `name` (float32)."""
+  return get_sampler(name).nfe_times(schedule, **options)

@@ -1,0 +1,175 @@
+"""The exit-plan protocol: what runs at each network evaluation, bound to a model and params.
+
+`shared/DESIGN.md` ("Plans" and "Runners") and `docs/ARCHITECTURE.md`: a plan is a small host-side
+dataclass; `plan.bind(model, params, nfe_times)` compiles it against the times the network will
+receive (one float32 per NFE, in NFE order, from the sampler's host twin `nfe_times`) into a
+`BoundPlan` whose `net(x, t_net, y, nfe_index, cache) -> (out, cache, stats)` is jittable and
+does the real skipping with scalar-predicate control flow. `stats` always has
+
+* `blocks`: mean number of transformer blocks executed per sample in this call;
+* `flops`: FLOPs executed per sample in this call (embedding + blocks + head + plan extras),
+  from `jaxee.eval.flops`.
+
+Time is mapped to τ ∈ [0, 1] (τ → 1 is noise) with `model_time_to_unit`, which follows
+`research/ee_methods.md` §1.6 (DiT `get_early_exit_idx` bins the original integer t by 100).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxee.eval import flops as flops_lib
+
+Net = Callable[..., tuple[jax.Array, Any, dict]]
+
+# Divisor that turns the network time into τ, per time convention (ee_methods §1.6).
+_TIME_SCALE = {"linear_discrete": 1000.0, "sd_discrete": 1000.0, "vp_continuous": 999.0}
+
+
+def model_time_to_unit(t_net, schedule: str):
+  """Maps the time the network receives to τ ∈ [0, 1].
+
+  Args:
+    t_net: network time(s) (NumPy or JAX).
+    schedule: 'linear_discrete' (DiT, t ∈ {0..999}) and 'sd_discrete' (U-ViT, 1000·t): t/1000;
+      'vp_continuous' (U-ViT, 999·t): t/999.
+
+  Returns:
+    τ with the type of `t_net`.
+  """
+  if schedule not in _TIME_SCALE:
+    raise ValueError(f"unknown time schedule {schedule!r}; choose from {sorted(_TIME_SCALE)}")
+  return t_net / _TIME_SCALE[schedule]
+
+
+def time_schedule(model: Any, override: Optional[str] = None) -> str:
+  """The time convention used to map network times to τ (the model's default unless given)."""
+  return override or model.default_schedule
+
+
+class BoundPlan(NamedTuple):
+  """A plan compiled for one model, params and NFE time grid.
+
+  Attributes:
+    net: `net(x, t_net, y, nfe_index, cache) -> (out, cache, stats)`; jittable, closes over the
+      params (closed-over arrays are passed to the executable, not folded into the program).
+    init_cache: `init_cache(x_batch, y) -> cache` for the batch the net sees (after CFG
+      doubling); `()` when the plan keeps no cache.
+    info: host-side facts: `blocks_per_nfe` and `flops_per_nfe` (np arrays, exact for static
+      plans, upper bounds for dynamic ones), `full_flops` (per sample per NFE), `ideal_saving`,
+      plus plan-specific entries.
+  """
+  net: Net
+  init_cache: Callable[..., Any]
+  info: dict
+
+
+def no_cache(x_batch=None, y=None):
+  """`init_cache` of plans without a cache."""
+  del x_batch, y
+  return ()
+
+
+def stats_from_tables(nfe_index, blocks: np.ndarray, flops: np.ndarray) -> dict:
+  """Per-call stats read from host tables indexed by the NFE index."""
+  return {"blocks": jnp.asarray(blocks, jnp.float32)[nfe_index],
+          "flops": jnp.asarray(flops, jnp.float32)[nfe_index]}
+
+
+def make_info(model: Any, blocks_per_nfe, flops_per_nfe, **extra) -> dict:
+  """The `BoundPlan.info` dict, with `ideal_saving` = 1 − mean(plan FLOPs) / full FLOPs."""
+  full = flops_lib.backbone_flops(model)
+  flops_per_nfe = np.asarray(flops_per_nfe, np.float64)
+  info = {
+      "blocks_per_nfe": np.asarray(blocks_per_nfe, np.float64),
+      "flops_per_nfe": flops_per_nfe,
+      "full_flops": full,
+      "ideal_saving": float(1.0 - flops_per_nfe.mean() / full) if len(flops_per_nfe) else 0.0,
+  }
+  info.update(extra)
+  return info
+
+
+def check_nfe_times(nfe_times) -> np.ndarray:
+  """Validates the host NFE time grid (1-D, finite) and returns it as float32."""
+  times = np.asarray(nfe_times, np.float32)
+  if times.ndim != 1 or not len(times):
+    raise ValueError(f"nfe_times must be a non-empty 1-D array, got shape {times.shape}")
+  if not np.all(np.isfinite(times)):
+    raise ValueError("nfe_times contains non-finite values")
+  return times
+
+
+def full_forward(model: Any, params: Any) -> Callable:
+  """`f(x, t_net, y) -> out`: the exact backbone forward."""
+  def f(x, t_net, y):
+    return model.apply({"params": params}, x, t_net, y)
+  return f
+
+
+@dataclasses.dataclass(frozen=True)
+class FullPlan:
+  """Runs every block at every NFE (the baseline)."""
+  name: str = "full"
+
+  def bind(self, model: Any, params: Any, nfe_times) -> BoundPlan:
+    """Binds the full forward.
+
+    Args:
+      model: backbone module.
+      params: its params.
+      nfe_times: network times per NFE.
+
+    Returns:
+      A `BoundPlan`.
+    """
+    times = check_nfe_times(nfe_times)
+    n = len(times)
+    blocks = np.full(n, flops_lib.num_blocks(model), np.float64)
+    flops = np.full(n, flops_lib.backbone_flops(model))
+    forward = full_forward(model, params)
+
+    def net(x, t_net, y, nfe_index, cache):
+      return forward(x, t_net, y), cache, stats_from_tables(nfe_index, blocks, flops)
+
+    return BoundPlan(net, no_cache, make_info(model, blocks, flops, plan=self.name))
+
+
+def shard_net(net: Net, mesh: jax.sharding.Mesh, axis_name: str = "data",
+              cache_spec: Any = None) -> Net:
+  """Runs a bound net per device with `jax.shard_map` over the batch axis.
+
+  Each device runs its own slice of the batch with its own control flow (a `while_loop` exit or a
+  `cond` branch decided per device, `research/jax_style.md` §4.3 rule 3). Stats are averaged over
+  devices once, after the network (no collective inside the loops).
+
+  Args:
+    net: `net(x, t_net, y, nfe_index, cache)`.
+    mesh: a mesh with axis `axis_name`; the batch must divide by its size.
+    axis_name: the batch axis name.
+    cache_spec: PartitionSpec pytree for the cache (default: batch-sharded leaves, `P()` for
+      an empty cache).
+
+  Returns:
+    A net with the same signature; inputs must be placed on the mesh (or be host arrays).
+  """
+  spec = jax.sharding.PartitionSpec
+  batch = spec(axis_name)
+
+  def local(x, t_net, y, nfe_index, cache):
+    out, cache, stats = net(x, t_net, y, nfe_index, cache)
+    stats = jax.tree.map(lambda s: jax.lax.pmean(jnp.asarray(s, jnp.float32), axis_name), stats)
+    return out, cache, stats
+
+  def wrapped(x, t_net, y, nfe_index, cache):
+    c_spec = cache_spec if cache_spec is not None else jax.tree.map(lambda _: batch, cache)
+    y_spec = None if y is None else batch
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, y_spec, spec(), c_spec),
+                       out_specs=(batch, c_spec, spec()))
+    return fn(x, t_net, y, jnp.asarray(nfe_index, jnp.int32), cache)
+
+  return wrapped
