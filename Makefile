@@ -18,4 +18,4 @@ demo: $(STAMP)
 	$(BIN)/python -m jaxee.demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs -n auto --dist loadfile tests

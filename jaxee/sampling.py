@@ -22,6 +22,7 @@ import numpy as np
 from jaxee.diffusion import guidance as guidance_lib
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.diffusion import schedules as schedules_lib
+from jaxee.eval import flops as flops_lib
 
 # Options that only the continuous / DDIM samplers take.
 _SAMPLER_OPTIONS = {"ddim": ("eta",), "euler_maruyama": ("eps", "T"), "euler_ode": ("eps", "T"),
@@ -67,21 +68,22 @@ class _FullNetwork:
 
   def bind(self, model, params, nfe_times):
     del nfe_times
-    depth = float(model.depth + (1 if model.family == "uvit" else 0))
+    depth = float(flops_lib.num_blocks(model))
+    flops = float(flops_lib.backbone_flops(model))
 
     def net(x, t_net, y, nfe_index, cache):
       del nfe_index
       out = model.apply({"params": params}, x, t_net, y)
-      return out, cache, {"blocks": jnp.float32(depth)}
+      return out, cache, {"blocks": jnp.float32(depth), "flops": jnp.float32(flops)}
 
     return net, (lambda x, y: ())
 
 
 def _bind(plan, model, params, nfe_times):
   bound = (plan or _FullNetwork()).bind(model, params, nfe_times)
-  if isinstance(bound, tuple):
-    return bound
-  return bound.net, bound.init_cache
+  if hasattr(bound, "net"):  # a `plan.BoundPlan` (net, init_cache, info)
+    return bound.net, bound.init_cache
+  return bound  # a plain (net, init_cache) pair
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,7 +152,8 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
 
   Returns:
     The final NHWC samples in the model's space, or `(samples, stats)` with `stats` a dict of
-    per-NFE arrays (e.g. `blocks`) plus `nfe_times` when `return_stats=True`.
+    per-NFE arrays (`blocks`: mean blocks run per sample, `flops`: FLOPs per sample; plans
+    may add more) plus `nfe_times` when `return_stats=True`.
   """
   if sampler not in _SAMPLER_OPTIONS:
     raise ValueError(f"unknown sampler {sampler!r}; choose from {tuple(_SAMPLER_OPTIONS)}")

@@ -56,7 +56,9 @@ class BoundPlan(NamedTuple):
 
   Attributes:
     net: `net(x, t_net, y, nfe_index, cache) -> (out, cache, stats)`; jittable, closes over the
-      params (closed-over arrays are passed to the executable, not folded into the program).
+      params. Bind inside the jitted function that receives the params as an argument (as
+      `jaxee.sample` does): concrete arrays closed over by a jitted function are embedded in
+      the program as constants, which makes large models slow to compile.
     init_cache: `init_cache(x_batch, y) -> cache` for the batch the net sees (after CFG
       doubling); `()` when the plan keeps no cache.
     info: host-side facts: `blocks_per_nfe` and `flops_per_nfe` (np arrays, exact for static
@@ -169,7 +171,22 @@ def shard_net(net: Net, mesh: jax.sharding.Mesh, axis_name: str = "data",
     c_spec = cache_spec if cache_spec is not None else jax.tree.map(lambda _: batch, cache)
     y_spec = None if y is None else batch
     fn = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, y_spec, spec(), c_spec),
-                       out_specs=(batch, c_spec, spec()))
+                       out_specs=(batch, c_spec, spec()), check_vma=False)
+
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+    def place_one(a, s):
+      sharding = jax.sharding.NamedSharding(mesh, s)
+      if explicit:
+        return jax.sharding.reshard(a, sharding)
+      return jax.lax.with_sharding_constraint(a, sharding)
+
+    def place(tree, specs):
+      return jax.tree.map(place_one, tree, specs)
+
+    x, t_net = place(x, batch), place(t_net, batch)
+    y = None if y is None else place(y, batch)
+    cache = place(cache, c_spec)
     return fn(x, t_net, y, jnp.asarray(nfe_index, jnp.int32), cache)
 
   return wrapped

@@ -13,7 +13,11 @@ needs to resume bit-exactly:
   checkpoint at step k draws exactly what an uninterrupted run draws at step k;
 * `extras`: a dict of non-trained arrays an objective may need (a frozen teacher, running
   statistics, ...). It is passed to the loss as `train_state_extras` together with `step`.
-  Empty by default.
+  Empty by default;
+* `healthy`: bool scalar, False once a step produced a non-finite loss or gradient. The step
+  then leaves the state untouched and every later step is a no-op (see `jaxee.train.step`), so
+  the host may look at the flag only now and then (at log and checkpoint time, without a
+  per-step device sync) and still hold exactly the last good state when it stops the run.
 """
 from typing import Any, Dict, Optional
 
@@ -36,6 +40,7 @@ class TrainState:
     ema_params: exponential moving average of `params`.
     rng: base PRNG key as raw `uint32[2]` key data.
     extras: dict of extra arrays handed to the objective (may be empty).
+    healthy: bool scalar; False after the first non-finite step (the state is then frozen).
   """
   step: jax.Array
   params: PyTree
@@ -43,6 +48,7 @@ class TrainState:
   ema_params: PyTree
   rng: jax.Array
   extras: Dict[str, PyTree] = flax.struct.field(default_factory=dict)
+  healthy: jax.Array = flax.struct.field(default_factory=lambda: jnp.ones((), jnp.bool_))
 
 
 def as_raw_key(rng) -> jax.Array:
@@ -100,6 +106,10 @@ def ema_decay_at(step, decay: float, warmup: Optional[str] = None) -> jax.Array:
 def update_ema(ema_params: PyTree, params: PyTree, decay) -> PyTree:
   """DiT's `update_ema`: `ema = decay * ema + (1 - decay) * params`, leaf by leaf.
 
+  Evaluated as `ema + (1 - decay) * (params - ema)` (the same value up to one rounding): a leaf
+  whose parameters equal its EMA (a frozen group, or the first step) then stays bit-identical
+  whatever way XLA fuses the arithmetic.
+
   Args:
     ema_params: the current EMA.
     params: the freshly updated parameters.
@@ -110,5 +120,5 @@ def update_ema(ema_params: PyTree, params: PyTree, decay) -> PyTree:
   """
   def one(e, p):
     d = jnp.asarray(decay, e.dtype)
-    return d * e + (1 - d) * p.astype(e.dtype)
+    return e + (1 - d) * (p.astype(e.dtype) - e)
   return jax.tree.map(one, ema_params, params)

@@ -1,0 +1,88 @@
+r"""Sampling config for DiT (`python -m jaxee.sample --config=configs/sample_dit.py[:arg]`).
+
+Default: the DiT-XL/2 256×256 FID-50K setting of the paper (`sample_ddp.py`): DDPM with 250
+steps, classifier-free guidance 1.5, 50,000 samples with uniformly random ImageNet labels, decoded
+by sd-vae-ft-ema and stored as uint8 in DiT's FID convention. The checkpoint and VAE paths are
+placeholders that must be given:
+
+    python -m jaxee.sample --config=configs/sample_dit.py \
+        --config.ckpt=ckpt/dit_xl_2_256 --config.vae_ckpt=ckpt/sd_vae_ft_ema \
+        --config.out_dir=runs/dit_xl_2_fid50k
+
+Args (`:arg`):
+  runlocal: the tiny official fixture `tests/fixtures/dit_tiny.pt` (8×8×4 latents, 10 classes),
+    no VAE, DDIM-10, 12 samples in 3 shards of 4 — runs on a laptop CPU in seconds.
+
+Exit plans (`--config.plan=...`, built by `jaxee.sample_main.make_plan`): `ase:D3-DiT` (an ASE
+table; `--config.plan_options.depth=N` rescales it to N blocks), `mask:PATH` (a saved
+`MaskPlan`; `plan_options.rectify`), `duodiff[:T_SWITCH]` (shallow model from
+`plan_options.shallow_ckpt`, converted dir or a `.pt` of `shallow_arch` (default: `arch`) with
+`model_overrides` and depth `shallow_depth`).
+"""
+from ml_collections import config_dict
+
+from jaxee import sample_main
+
+DIT_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
+                num_classes=10)
+
+
+def base_config() -> config_dict.ConfigDict:
+  """Fields shared by every sampling config (values are DiT-XL/2-256 FID-50K)."""
+  c = config_dict.ConfigDict()
+  c.ckpt = "SET_ME: converted dir or DiT-XL-2-256x256.pt"
+  c.arch = "dit_xl_2"
+  c.model_overrides = config_dict.ConfigDict({"input_size": 32, "num_classes": 1000})
+  c.vae_ckpt = config_dict.placeholder(str)
+  c.vae_ckpt = "SET_ME: converted dir or sd-vae-ft-ema diffusion_pytorch_model.bin"
+  c.vae_kind = "auto"  # layout of a torch VAE file: 'auto' | 'compvis' | 'diffusers'
+  c.sampler = "ddpm"
+  c.steps = 250
+  c.schedule = config_dict.placeholder(str)  # None: the model family's default
+  c.guidance = config_dict.placeholder(float)
+  c.guidance = 1.5
+  c.labels = "random"
+  c.num_samples = 50_000
+  c.batch_size = 32
+  c.shard_size = 1000
+  c.seed = 0
+  c.plan = config_dict.placeholder(str)
+  c.plan_options = config_dict.ConfigDict({
+      "depth": config_dict.placeholder(int),  # ASE: rescale the table to this depth
+      "runner": "switch",  # ASE runner: 'switch' | 'fori'
+      "rectify": False,  # mask plans: TABM rectification
+      "shallow_ckpt": config_dict.placeholder(str),  # DuoDiff shallow model
+      "shallow_arch": config_dict.placeholder(str),
+      "shallow_depth": config_dict.placeholder(int),
+      "t_switch": 300.0,
+      "rule": "threshold",  # DuoDiff: 'threshold' (DDPM loop) | 'lagged' (DDIM loop)
+  })
+  c.sampler_options = config_dict.ConfigDict()
+  c.uint8 = "dit_fid"
+  c.out_dir = "runs/sample_dit_xl_2_256"
+  c.merge = False
+  c.force = False
+  c.progress = True
+  c.multi_device = True
+  c.grid_nrow = 8
+  return c
+
+
+def get_config(arg: str = "") -> config_dict.ConfigDict:
+  """The DiT sampling config; `arg` is '' (DiT-XL/2-256 FID-50K) or 'runlocal'."""
+  c = base_config()
+  if arg == "runlocal":
+    c.ckpt = "tests/fixtures/dit_tiny.pt"
+    c.arch = "dit"
+    c.model_overrides = config_dict.ConfigDict(DIT_TINY)
+    c.vae_ckpt = None
+    c.sampler = "ddim"
+    c.steps = 10
+    c.num_samples = 12
+    c.batch_size = 4
+    c.shard_size = 4
+    c.out_dir = "runs/sample_dit_runlocal"
+  elif arg:
+    raise ValueError(f"unknown configs/sample_dit.py arg {arg!r}; use '' or 'runlocal'")
+  sample_main.validate_config(c)
+  return c

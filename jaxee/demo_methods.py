@@ -1,0 +1,299 @@
+"""The demo's training stages for one backbone: baseline, ASE, DeeDiff, DuoDiff, TABM masks.
+
+Each stage is a real run of the library's entry points in its own work directory under
+`OUT/<arch>/<stage>/` — `jaxee.train.trainer.train(config, workdir)` for gradient training (so
+the stage leaves `config.json`, `metrics.jsonl`, a checkpoint and the method's export, exactly as
+`python -m jaxee.main` would) and `jaxee.train.masks_opt.run` for the mask optimisation — and the
+sampling variants are rebuilt from those exports with the loaders of `jaxee.train.methods`:
+
+* 'full': the trained backbone (EMA), no plan;
+* 'ase': the ASE fine-tuned backbone with its schedule (`ASEPlan`);
+* 'ase_no_finetune': the same schedule on the un-tuned backbone (the ablation showing what the
+  fine-tuning buys);
+* 'deediff': the frozen backbone with trained heads/UEMs and the real batched exit
+  (`DeeDiffPlan(mode='batched')`); θ is calibrated here (`calibrate_threshold`);
+* 'deediff_exact': the same heads and θ with the papers' "simulated" exit (`mode='exact'`: every
+  block runs, each sample takes its own first exit) — the per-sample quality reference, whose
+  mean exit index is the layer ratio the papers report, at no real saving;
+* 'duodiff': the shallow + deep pair switching at t_s (`DuoDiffPlan`, params packed);
+* 'masks': the rectified TABM block mask with a block-output cache (`MaskPlan`).
+
+DeeDiff's θ. The UEM outputs of a small model trained for a few hundred steps have no fixed scale,
+so a fixed θ could mean "never exit" or "always exit". `calibrate_threshold` instead picks θ from
+the run: it records the full network's own sampling trajectory (DDIM + CFG from Gaussian noise,
+`teacher_trajectory`; no data), evaluates every UEM at every recorded NFE input, simulates the
+batched runner's stop rule (the loop stops once `min_fraction` of the batch has u ≤ θ at or
+before the current layer) and takes the θ whose mean executed-block fraction is closest to
+`deediff_target_ratio`. Sampling with exits then drifts slightly from the teacher's trajectory, so
+the measured fraction can differ a little from the predicted one (both are reported).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import resource
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxee import convert
+from jaxee import demo_setup
+from jaxee.diffusion import samplers as samplers_lib
+from jaxee.eval import flops as flops_lib
+from jaxee.exits import deediff as deediff_lib
+from jaxee.exits import deediff_heads
+from jaxee.exits import masks as masks_lib
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Variant:
+  """One way of sampling a backbone: the params handed to `jaxee.sample` and the plan."""
+  name: str
+  method: str
+  params: Any
+  plan: Any = None
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ArchResult:
+  """The trained backbone of one arch, its variants and the stage timings."""
+  arch: str
+  model: Any
+  variants: list
+  stages: dict
+
+
+def cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+class StageClock:
+  """Wall and CPU seconds of named stages."""
+
+  def __init__(self):
+    self.stages: dict = {}
+
+  def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    w0, c0 = time.perf_counter(), cpu_seconds()
+    out = fn()
+    self.stages[name] = {"wall_s": round(time.perf_counter() - w0, 2),
+                         "cpu_s": round(cpu_seconds() - c0, 2)}
+    return out
+
+
+def nfe_times(model: Any, sampler: str, steps: int) -> np.ndarray:
+  """The network time of each NFE of `sampler` with `steps` steps (host float32)."""
+  from jaxee import sampling  # pylint: disable=g-import-not-at-top
+  schedule = sampling.default_schedule(model, sampler, steps)
+  options = {} if sampler in ("ddpm", "ddim") else {"steps": steps}
+  return np.asarray(samplers_lib.nfe_times(sampler, schedule, **options), np.float32)
+
+
+def _train(config, workdir: pathlib.Path, model, params) -> dict:
+  from jaxee.train import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.train(config, workdir, model=model, params=params)
+
+
+def train_backbone(arch: str, scale, seed: int, root: pathlib.Path, log: Log):
+  """Stage 'backbone': the backbone's own loss from random init; returns (model, EMA params)."""
+  model = demo_setup.create_model(arch, scale)
+  config = demo_setup.stage_config("baseline", arch, scale, seed,
+                                   num_steps=scale.backbone_steps, lr=scale.backbone_lr)
+  summary = _train(config, root / "backbone", None, None)
+  log(f"[{arch}] backbone: {scale.backbone_steps} steps, final loss "
+      f"{summary['metrics'].get('loss', float('nan')):.4f}")
+  loaded_model, params = convert.load_converted(root / "backbone" / "export")
+  if loaded_model != model:
+    raise RuntimeError(f"exported backbone config differs from the demo's: {loaded_model}")
+  return model, params
+
+
+def train_ase(arch, scale, seed, root, model, params, log: Log):
+  """Stage 'ase': ASE fine-tuning from the backbone; returns (params, plan)."""
+  from jaxee.train import methods  # pylint: disable=g-import-not-at-top
+  config = demo_setup.stage_config("ase", arch, scale, seed, num_steps=scale.ase_steps,
+                                   lr=scale.ase_lr,
+                                   section=demo_setup.ase_section(arch, scale))
+  summary = _train(config, root / "ase", model, params)
+  _, tuned, plan = methods.load_ase_export(root / "ase")
+  log(f"[{arch}] ase: schedule {plan.name} {list(plan.schedule)}, {scale.ase_steps} steps, "
+      f"final loss {summary['metrics'].get('loss', float('nan')):.4f}")
+  return tuned, plan
+
+
+def train_deediff(arch, scale, seed, root, model, params, log: Log):
+  """Stage 'deediff': heads + UEMs on the frozen backbone; returns (ee_params, uem)."""
+  from jaxee.train import methods  # pylint: disable=g-import-not-at-top
+  config = demo_setup.stage_config("deediff", arch, scale, seed,
+                                   num_steps=scale.deediff_steps, lr=scale.deediff_lr,
+                                   section=demo_setup.deediff_section())
+  summary = _train(config, root / "deediff", model, params)
+  _, _, ee, meta = methods.load_deediff_export(root / "deediff")
+  log(f"[{arch}] deediff: {scale.deediff_steps} steps, final loss "
+      f"{summary['metrics'].get('loss', float('nan')):.4f}")
+  return jax.tree.map(jnp.asarray, ee), meta["uem"]
+
+
+def train_duodiff(arch, scale, seed, root, model, params, log: Log):
+  """Stage 'duodiff': the shallow backbone; returns a `DuoDiffPlan` without params and them."""
+  from jaxee.train import methods  # pylint: disable=g-import-not-at-top
+  config = demo_setup.stage_config("duodiff", arch, scale, seed,
+                                   num_steps=scale.duodiff_steps, lr=scale.duodiff_lr,
+                                   section=demo_setup.duodiff_section(arch, scale))
+  summary = _train(config, root / "duodiff", model, params)
+  plan = methods.load_duodiff_plan(root / "duodiff")
+  shallow = plan.shallow_params
+  log(f"[{arch}] duodiff: shallow {flops_lib.num_blocks(plan.shallow_model)} of "
+      f"{flops_lib.num_blocks(model)} blocks, t_s={plan.t_switch:g}, {scale.duodiff_steps} "
+      f"steps, final loss {summary['metrics'].get('loss', float('nan')):.4f}")
+  return dataclasses.replace(plan, shallow_params=None), shallow
+
+
+def optimise_masks(arch, scale, seed, root, model, params, log: Log):
+  """Stage 'masks': TABM mask optimisation along the teacher's DDIM trajectory."""
+  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+  config = demo_setup.stage_config("masks", arch, scale, seed, num_steps=1, lr=1.0,
+                                   section=demo_setup.masks_section(arch, scale, seed))
+  path = masks_opt.run(config, str(root / "masks"), model, params)
+  plan = masks_lib.load_mask_plan(path)
+  log(f"[{arch}] masks: kept {plan.metadata['kept_fraction']:.3f} of block evaluations "
+      f"({plan.metadata['kept_fraction_raw']:.3f} before rectification)")
+  return plan
+
+
+def teacher_trajectory(arch: str, model, params, scale, seed: int, num: int):
+  """The full network's own DDIM(+CFG) sampling run, every NFE input recorded (no data).
+
+  `jaxee.train.masks_teacher.record_teacher` with the demo's sampler settings (`num` samples;
+  the network sees 2·num rows under CFG, as the DeeDiff runner will).
+  """
+  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+  opts = masks_opt.options_from_config(
+      dict(demo_setup.masks_section(arch, scale, seed), num_samples=int(num)))
+  return masks_opt.record_teacher(model, params, opts, jax.random.PRNGKey(seed + 17))
+
+
+def exit_uncertainties(model, params, ee, uem: str, traj) -> np.ndarray:
+  """u (NFE, L, B_net): every UEM at every NFE input of a recorded teacher trajectory.
+
+  Args:
+    model: backbone.
+    params: backbone params.
+    ee: heads/UEMs.
+    uem: UEM kind.
+    traj: `teacher_trajectory(...)` (`x` (NFE, B_net, H, W, C), `t` (NFE,), `y` (B_net,)).
+
+  Returns:
+    float64 array (NFE, L, B_net).
+  """
+  y = None if traj.y is None else jnp.asarray(traj.y, jnp.int32)
+
+  @jax.jit
+  def one(x, t):
+    t_net = jnp.full((x.shape[0],), t, jnp.float32)
+    return deediff_lib.forward_all_exits(model, params, ee, x, t_net, y, uem)[2]
+
+  return np.stack([np.asarray(one(jnp.asarray(x), jnp.float32(t)), np.float64)
+                   for x, t in zip(traj.x, traj.t)])
+
+
+def batched_exit_depths(u: np.ndarray, threshold: float, min_fraction: float) -> np.ndarray:
+  """Blocks the batched DeeDiff runner executes per NFE for u (NFE, L, B).
+
+  The runner tests exit k before block k (k = 0..L−1) and stops at the first k where at least
+  `min_fraction` of the batch has exited (u_j ≤ θ for some j ≤ k); k blocks have then run.
+  With no such k, all L blocks run.
+  """
+  num = u.shape[1]
+  exited = np.cumsum(u <= threshold, axis=1) > 0          # (NFE, L, B)
+  enough = exited.mean(axis=2) >= min_fraction - 1e-12    # (NFE, L)
+  return np.where(enough.any(axis=1), np.argmax(enough, axis=1), num).astype(np.float64)
+
+
+def calibrate_threshold(u: np.ndarray, target_ratio: float, min_fraction: float) -> dict:
+  """θ whose simulated mean executed-block fraction is closest to `target_ratio`.
+
+  Candidates are the midpoints between sorted distinct u values (every distinct exit pattern),
+  subsampled to at most 512; ties go to the smaller θ (fewer exits).
+  """
+  num = u.shape[1]
+  values = np.unique(np.round(u.ravel(), 6))
+  mids = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]])
+  if len(mids) > 512:
+    mids = mids[np.linspace(0, len(mids) - 1, 512).round().astype(int)]
+  best = None
+  for theta in mids:
+    ratio = float(batched_exit_depths(u, theta, min_fraction).mean() / num)
+    err = abs(ratio - target_ratio)
+    if best is None or err < best["error"] - 1e-12:
+      best = {"threshold": float(theta), "predicted_ratio": ratio, "error": err}
+  best["target_ratio"] = float(target_ratio)
+  best["min_fraction"] = float(min_fraction)
+  return best
+
+
+def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) -> ArchResult:
+  """Runs every stage of `scale.methods_for(arch)` and returns the sampling variants.
+
+  Args:
+    arch: 'dit' or 'uvit'.
+    scale: the demo scale.
+    seed: run seed.
+    root: `OUT/<arch>`.
+    log: progress printer.
+
+  Returns:
+    The `ArchResult`.
+  """
+  from jaxee.exits import deediff as dd  # pylint: disable=g-import-not-at-top
+  clock = StageClock()
+  model, params = clock.run("backbone", lambda: train_backbone(arch, scale, seed, root, log))
+  variants = [Variant("full", "full", params, None, {})]
+  wanted = scale.methods_for(arch)
+  times = nfe_times(model, "ddim", scale.sample_steps)
+  if "ase" in wanted:
+    tuned, plan = clock.run("ase", lambda: train_ase(arch, scale, seed, root, model, params, log))
+    facts = {"schedule": list(plan.schedule), "table": plan.name}
+    variants.append(Variant("ase", "ase", tuned, plan, facts))
+    variants.append(Variant("ase_no_finetune", "ase", params, plan, dict(facts, ablation=True)))
+  if "deediff" in wanted:
+    ee, uem = clock.run("deediff",
+                        lambda: train_deediff(arch, scale, seed, root, model, params, log))
+
+    def calibrate():
+      traj = teacher_trajectory(arch, model, params, scale, seed, scale.deediff_calib_samples)
+      u = exit_uncertainties(model, params, ee, uem, traj)
+      return u, calibrate_threshold(u, scale.deediff_target_ratio, scale.deediff_min_fraction)
+    u, cal = clock.run("deediff_calibration", calibrate)
+    log(f"[{arch}] deediff: θ = {cal['threshold']:.4f} (predicted executed-block fraction "
+        f"{cal['predicted_ratio']:.3f}, target {cal['target_ratio']})")
+    plan = dd.DeeDiffPlan(ee, threshold=cal["threshold"], mode="batched",
+                          min_fraction=scale.deediff_min_fraction, uem=uem)
+    info = dict(cal, uem=uem, num_exits=deediff_heads.num_exits(model),
+                u_mean_per_nfe_layer=np.round(u.mean(axis=2), 4).tolist())
+    variants.append(Variant("deediff", "deediff", params, plan, info))
+    # The papers' "simulated" exit: every block runs, each sample takes its own first exit.
+    exact = dd.DeeDiffPlan(ee, threshold=cal["threshold"], mode="exact", uem=uem)
+    variants.append(Variant("deediff_exact", "deediff", params, exact,
+                            dict(threshold=cal["threshold"], uem=uem, reference=True)))
+  if "duodiff" in wanted:
+    plan, shallow = clock.run("duodiff",
+                              lambda: train_duodiff(arch, scale, seed, root, model, params, log))
+    info = {"t_switch": plan.t_switch, "rule": plan.rule,
+            "shallow_blocks": flops_lib.num_blocks(plan.shallow_model),
+            "shallow_nfes": int(plan.shallow_flags(model, times).sum())}
+    variants.append(Variant("duodiff", "duodiff", plan.pack(params, shallow), plan, info))
+  if "masks" in wanted:
+    plan = clock.run("masks", lambda: optimise_masks(arch, scale, seed, root, model, params, log))
+    info = {"kept_fraction": plan.metadata["kept_fraction"],
+            "kept_fraction_raw": plan.metadata["kept_fraction_raw"],
+            "mask": np.asarray(plan.mask, int).tolist()}
+    variants.append(Variant("masks", "masks", params, plan, info))
+  return ArchResult(arch, model, variants, clock.stages)

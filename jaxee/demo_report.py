@@ -1,0 +1,198 @@
+"""The demo's report: `report.json`, `report.md`, image grids and exit plots under `OUT/`.
+
+Every number in the report is computed by the run that writes it (`jaxee.demo`): quality from
+`jaxee.eval.classifier_metric`, exit statistics from the samplers' own per-NFE stats
+(`jaxee.eval.report.exit_summary`), speed from the alternating wall-clock timing of
+`jaxee.demo_eval`. `effects(report)` reduces a report to the signs of its claims (is each method
+faster than the full model, is its Fréchet distance above or below the full model's, does ASE's
+fine-tuning beat the same schedule without it, ...), which is what is compared between seeds.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from jaxee.eval import images as images_lib
+from jaxee.eval import report as report_lib
+
+ORDER = ("full", "ase", "ase_no_finetune", "deediff", "deediff_exact", "duodiff", "masks")
+DESCRIPTIONS = {
+    "full": "full backbone, every block at every step",
+    "ase": "ASE: fine-tuned backbone + dropping schedule",
+    "ase_no_finetune": "ablation: the ASE schedule on the un-tuned backbone",
+    "deediff": "DeeDiff: heads/UEMs, batched early exit (θ calibrated)",
+    "deediff_exact": "reference: DeeDiff per-sample exits simulated (every block runs)",
+    "duodiff": "DuoDiff: shallow backbone for the noisiest steps",
+    "masks": "TABM: learned block mask + block-output cache",
+}
+
+
+def effects(report: dict) -> dict:
+  """The direction of each claim of a report: {arch: {claim: bool}}."""
+  out = {}
+  for arch, a in report["archs"].items():
+    v = a["variants"]
+    full_fd = v["full"]["quality"]["frechet"]
+    claims = {}
+    for name, rec in v.items():
+      if name == "full":
+        continue
+      if not rec.get("info", {}).get("reference"):  # a reference mode is not meant to be fast
+        claims[f"{name}: faster than full"] = rec["timing"]["speedup"] > 1.0
+        claims[f"{name}: saves FLOPs"] = rec["exits"]["ideal_saving"] > 0.0
+      claims[f"{name}: FD above full"] = rec["quality"]["frechet"] > full_fd
+    if "ase" in v and "ase_no_finetune" in v:
+      claims["ase: fine-tuning lowers FD"] = (v["ase"]["quality"]["frechet"]
+                                             < v["ase_no_finetune"]["quality"]["frechet"])
+    out[arch] = claims
+  return out
+
+
+def save_grids(out: pathlib.Path, arch: str, samples: dict) -> dict:
+  """Per-variant grids (4 rows × 10 classes) and one overview (one row per variant)."""
+  files = {}
+  names = [n for n in ORDER if n in samples] + [n for n in samples if n not in ORDER]
+  for name in names:
+    x = samples[name][:40]
+    files[name] = str(images_lib.save_grid(out / f"samples_{arch}_{name}.png", x, nrow=10,
+                                           scale=6).name)
+  overview = np.concatenate([samples[n][:10] for n in names])
+  files["overview"] = str(images_lib.save_grid(out / f"samples_{arch}.png", overview, nrow=10,
+                                               scale=6).name)
+  return files
+
+
+def save_plots(out: pathlib.Path, arch: str, record: dict, real_fd: float) -> dict:
+  """Exit-depth, FLOPs, quality-vs-speed and (if any) mask plots of one arch."""
+  variants = record["variants"]
+  names = [n for n in ORDER if n in variants] + [n for n in variants if n not in ORDER]
+  summaries = {n: variants[n]["exits"] for n in names}
+  title = f"{arch.upper()} ({record['num_blocks']} blocks), DDIM-{record['sample_steps']}"
+  files = {
+      "exit_depth": report_lib.plot_exit_depth(summaries, out / f"exit_depth_{arch}.png",
+                                               title).name,
+      "flops": report_lib.plot_flops(summaries, out / f"flops_{arch}.png", title).name,
+      "quality_speed": report_lib.plot_quality_speed(
+          {n: (variants[n]["timing"]["speedup"], variants[n]["quality"]["frechet"])
+           for n in names}, out / f"quality_speed_{arch}.png", title, floor=real_fd).name,
+  }
+  if "masks" in variants and "mask" in variants["masks"]["info"]:
+    files["mask"] = report_lib.plot_mask(
+        variants["masks"]["info"]["mask"], out / f"mask_{arch}.png",
+        f"TABM block mask, {arch.upper()}", tau=variants["masks"]["exits"]["tau"]).name
+  return {k: str(v) for k, v in files.items()}
+
+
+def _arch_table(record: dict) -> str:
+  variants = record["variants"]
+  names = [n for n in ORDER if n in variants] + [n for n in variants if n not in ORDER]
+  header = ["variant", "FD ↓", "confidence", "class acc.", "layer ratio", "MFLOPs / image",
+            "ideal saving", "median s", "speed-up", "realized saving", "efficiency"]
+  rows = []
+  for n in names:
+    r = variants[n]
+    q, e, t = r["quality"], r["exits"], r["timing"]
+    rows.append([f"`{n}`", report_lib.fmt(q["frechet"], 2), report_lib.fmt(q["confidence"]),
+                 report_lib.fmt(q.get("class_accuracy")), report_lib.fmt(e["layer_ratio"]),
+                 report_lib.fmt(e["flops_per_image"] / 1e6, 1),
+                 report_lib.fmt(e["ideal_saving"], signed=True),
+                 report_lib.fmt(t["median_s"]), f"×{t['speedup']:.2f}",
+                 report_lib.fmt(t["realized_saving"], signed=True),
+                 report_lib.fmt(t["efficiency"], 2)])
+  return report_lib.markdown_table(header, rows)
+
+
+def _method_facts(record: dict) -> list:
+  lines = []
+  v = record["variants"]
+  if "ase" in v:
+    lines.append(f"- ASE schedule ({v['ase']['info']['table']} rescaled to this depth), blocks "
+                 f"per τ-interval [0, 0.1) → [0.9, 1]: {v['ase']['info']['schedule']}")
+  if "deediff" in v:
+    i = v["deediff"]["info"]
+    lines.append(f"- DeeDiff: θ = {i['threshold']:.4f} calibrated for an executed-block "
+                 f"fraction of {i['target_ratio']} (predicted {i['predicted_ratio']:.3f}, "
+                 f"measured {v['deediff']['exits']['layer_ratio']:.3f}), batch stop fraction "
+                 f"{i['min_fraction']}, UEM '{i['uem']}'")
+  if "deediff_exact" in v and "exit_per_nfe" in v["deediff_exact"]["exits"]:
+    e = v["deediff_exact"]["exits"]
+    ratio = float(np.mean(e["exit_per_nfe"])) / e["num_blocks"]
+    lines.append(f"- DeeDiff per-sample (simulated) exits: mean exit layer / blocks = "
+                 f"{ratio:.3f} (the papers' layer ratio; this mode runs every block)")
+  if "duodiff" in v:
+    i = v["duodiff"]["info"]
+    lines.append(f"- DuoDiff: {i['shallow_blocks']}-block shallow backbone for t ≥ 1000 − "
+                 f"{i['t_switch']:g} ({i['shallow_nfes']} of {record['sample_steps']} NFEs), "
+                 f"rule '{i['rule']}'")
+  if "masks" in v:
+    i = v["masks"]["info"]
+    lines.append(f"- TABM: {i['kept_fraction']:.3f} of block evaluations kept after "
+                 f"rectification ({i['kept_fraction_raw']:.3f} before)")
+  return lines
+
+
+def markdown(report: dict) -> str:
+  """`report.md`: settings, the tables, the claims and links to the figures."""
+  m, tm, clf = report["machine"], report["timing"], report["classifier"]
+  lines = [
+      "# jaxee demo report", "",
+      f"Seed {report['seed']}, scale `{report['scale']['name']}`; {m['platform']} "
+      f"({m['cpu_count']} CPUs visible), jax {m['jax']}. Total wall time "
+      f"{tm['total_wall_s']:.0f} s, CPU time {tm['total_cpu_s']:.0f} s.", "",
+      "Every number below was computed by this run. Quality: Fréchet distance (FD) between "
+      "the features of the samples and of held-out real digits under a small digits classifier "
+      "trained here, that classifier's mean confidence, and the fraction of samples it assigns "
+      "to the class they were conditioned on. Speed: all variants of a backbone timed in "
+      f"{report['scale']['timing_rounds']} alternating rounds in this process, medians; "
+      "ideal saving = 1 − executed FLOPs / full FLOPs from the samplers' own per-step stats; "
+      "efficiency = realized saving / ideal saving.", "",
+      f"Real test digits ({clf['real_test']['num_samples']}, unseen by generators and "
+      f"classifier): FD {clf['real_test']['frechet']:.2f}, confidence "
+      f"{clf['real_test']['confidence']:.3f}, accuracy {clf['real_test']['class_accuracy']:.3f}"
+      f" — the scores of a perfect generator. Classifier held-out accuracy "
+      f"{clf['heldout_accuracy']:.3f}.", ""]
+  for arch, rec in report["archs"].items():
+    lines += [f"## {arch.upper()}: {rec['num_blocks']} blocks, width "
+              f"{rec['model']['hidden_size' if arch == 'dit' else 'embed_dim']}, "
+              f"DDIM-{rec['sample_steps']}, CFG {rec['guidance']}, {rec['num_eval']} samples "
+              "per variant", "", _arch_table(rec), ""]
+    lines += [f"- `{n}`: {DESCRIPTIONS.get(n, n)}" for n in rec["variants"]]
+    lines += _method_facts(rec) + [""]
+    files = rec["files"]
+    order = [n for n in ORDER if n in rec["variants"]]
+    lines += [f"Samples (one row per variant, top to bottom: {', '.join(order)}; columns: the "
+              "conditioning class 0–9; all rows from the same noise):", "",
+              f"![samples]({files['grids']['overview']}) "
+              f"![exit depth]({files['plots']['exit_depth']})",
+              f"![flops]({files['plots']['flops']}) "
+              f"![quality vs speed]({files['plots']['quality_speed']})"]
+    if "mask" in files["plots"]:
+      lines.append(f"![mask]({files['plots']['mask']})")
+    lines += ["", "Stage times (s): " + ", ".join(
+        f"{k} {v['wall_s']:.0f} wall / {v['cpu_s']:.0f} CPU" for k, v in rec["stages"].items()),
+        ""]
+  lines += ["## Claims of this run", ""]
+  for arch, claims in report["effects"].items():
+    for claim, holds in claims.items():
+      lines.append(f"- {arch}: {claim}: {'yes' if holds else 'no'}")
+  return "\n".join(lines) + "\n"
+
+
+def write(out: pathlib.Path, report: dict) -> dict:
+  """Writes `report.json` and `report.md`; returns their paths."""
+  report["effects"] = effects(report)
+  return {"json": str(report_lib.write_json(out / "report.json", report)),
+          "markdown": str(report_lib.write_text(out / "report.md", markdown(report)))}
+
+
+def arch_record(arch: str, result: Any, evaluated: dict, scale: Any) -> dict:
+  """The report entry of one arch (without files)."""
+  from jaxee.eval import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from jaxee.models import registry  # pylint: disable=g-import-not-at-top
+  return {"model": registry.model_config(result.model),
+          "num_blocks": flops_lib.num_blocks(result.model),
+          "sample_steps": scale.sample_steps, "guidance": scale.arch_value("guidance", arch),
+          "num_eval": scale.num_eval, "stages": result.stages,
+          "variants": evaluated["variants"], "timing_raw_s": evaluated["timing_raw"]}

@@ -1,0 +1,157 @@
+"""Training entry point: `python -m jaxee.main --config=configs/<exp>.py:<arg> --workdir=DIR`.
+
+Launch (absl + `ml_collections.config_flags`, `lock_config=True`, so `--config.a.b=v` may only
+override existing fields):
+
+    python -m jaxee.main --config=configs/train_baseline.py:runlocal --workdir=/tmp/run
+    python -m jaxee.main --config=configs/ase_dit.py:D3 --workdir=runs/ase_d3 \
+        --config.init=ckpt/dit_xl_2_256 --config.train.parallel=pmap
+    # multi-host (TPU pod / SLURM: auto-detected; elsewhere give the three flags):
+    python -m jaxee.main --config=... --workdir=SHARED_DIR --multihost \
+        --coordinator_address=host0:1234 --num_processes=2 --process_id=$RANK
+
+Re-running the same command resumes from the workdir's latest checkpoint. Python entry:
+`train_and_evaluate(config, workdir)`. Exit codes: 0 done, 2 bad config/input, 3 non-finite
+loss (nothing saved after it), 4 corrupt checkpoint.
+
+Config schema (defaults in `jaxee/train/config_base.py` `base_config()`; every experiment file
+`configs/*.py` has `get_config(arg)` and a tiny `runlocal` variant):
+
+* `method`: `'baseline'` (the backbone's own loss, `losses.make_diffusion_loss`), `'ase'`,
+  `'deediff'`, `'duodiff'` (all three through `jaxee.train.methods.build_method(config, model,
+  params, rng) -> MethodSetup`) or `'masks'` (`jaxee.train.masks_opt.run(config, workdir,
+  model, params)`: trajectory-based mask optimisation, no data loop).
+* `model.arch`, `model.overrides` (dict): `jaxee.models.create(arch, **overrides)`, the
+  backbone being fine-tuned (or the deep model a method derives its network from).
+* `init`: `''` (random init from `train.seed`), a converted checkpoint directory, a jaxee
+  training workdir (its latest EMA weights) or a PyTorch/safetensors file.
+* `data`: `source` (`jaxee.data.get_source` name: 'digits', 'cifar10', 'celeba64',
+  'imagenet256', 'folder:<path>', 'latents:<path>'), `split`, `batch_size` (GLOBAL: over all
+  processes and devices), `image_size`, `data_dir`, `shuffle`, `prefetch`, `num_threads`,
+  `options` (dict of source-specific keywords, e.g. digits `channels`).
+* `loss`: `schedule` (training schedule name; default the backbone's), `label_dropout` (CFG;
+  default the backbone's) — used by 'baseline' and by methods that reuse the diffusion loss.
+* `optim`: the fields of `jaxee/train/optim.py make_optimizer`: `lr`, `b1`, `b2`, `eps`,
+  `weight_decay`, `schedule` ('constant' | 'cosine'), `warmup_steps`, `min_lr_ratio`,
+  `grad_clip_norm`, `frozen_patterns` (regexes over `/`-joined param paths; merged with the
+  method's own frozen groups); `num_steps` defaults to `train.num_steps`.
+* `train`: `num_steps`, `log_every`, `ckpt_every` (0: only at the end), `keep` (checkpoints
+  kept), `ema_decay`, `ema_warmup` ('none' | 'linear'), `parallel` ('shard_map' default |
+  'pmap' | 'jit'), `seed`, `ckpt_fallback` (fall back to the previous checkpoint, logged, when
+  the latest is corrupt; default: error), `async_checkpoint`, `progress` (tqdm), `tensorboard`,
+  `export` / `export_ema` (write the (EMA) weights at the end), `multihost` (same as
+  `--multihost`), `debug_step_sleep_s` (testing only: sleep after each step).
+* method sections `ase`, `deediff`, `duodiff`, `masks`: owned by the method modules
+  (`jaxee/train/methods.py`, `jaxee/train/masks_opt.py`) and their configs.
+
+Outputs in `workdir`: `config.json`, `metrics.jsonl` (one JSON line per log step: loss and the
+objective's metrics, grad/param norms, lr, steps/s), `tb/` (TensorBoard), `checkpoints/<step>/`
+(Orbax), `export/` (baseline: a converted checkpoint for `jaxee.sample_main`). Only process 0
+writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from jaxee.train.config_base import METHODS  # noqa: F401  (re-exported for configs/tests)
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """`jax.distributed.initialize` (CPU: gloo collectives); must run before any JAX work."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # Cross-process collectives on CPU (used by the local multi-host check); a no-op elsewhere.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if coordinator_address:
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes is not None:
+    kwargs["num_processes"] = int(num_processes)
+  if process_id is not None:
+    kwargs["process_id"] = int(process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Runs the experiment `config` in `workdir` (resuming if it has checkpoints).
+
+  Returns:
+    A summary dict (for 'masks': `{'plan': path}` from `masks_opt.run`).
+  """
+  from jaxee.train import trainer  # pylint: disable=g-import-not-at-top
+  trainer.validate_config(config)
+  if config.method == "masks":
+    try:
+      from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f"config.method='masks' needs jaxee.train.masks_opt: {e}") from e
+    import jax  # pylint: disable=g-import-not-at-top
+    model = trainer.build_model(config)
+    params = trainer.init_params(config, model, jax.random.PRNGKey(int(config.train.seed)))
+    return {"plan": masks_opt.run(config, workdir, model, params), "workdir": str(workdir)}
+  return trainer.train(config, workdir)
+
+
+class _QuietOrbax:
+  """absl-handler filter: drops Orbax's per-save INFO chatter (warnings and errors pass)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+  """absl entry point (flags defined under `__main__`)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  f = flags.FLAGS
+  config = f.config
+  if config is None:
+    raise app.UsageError("--config=configs/<exp>.py[:arg] is required")
+  if not f.workdir:
+    raise app.UsageError("--workdir=DIR is required")
+  if f.multihost or bool(config.get("train", {}).get("multihost", False)):
+    initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  from jaxee.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxee.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    summary = train_and_evaluate(config, os.path.expanduser(f.workdir))
+  except trainer.NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  except checkpoint.CorruptCheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(4)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
+  if trainer.is_main_process():
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+def define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file, e.g. configs/train_baseline.py:runlocal.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, export).")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

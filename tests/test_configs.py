@@ -1,0 +1,149 @@
+"""Every method config loads, bad settings fail at load with a clear message, and every
+`runlocal` variant trains a few steps through `jaxee.main.train_and_evaluate`."""
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxee import main
+from jaxee.exits import masks as masks_lib
+from jaxee.train import methods
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "ase_dit_imagenet256": ["", "D2", "D3", "D4", "D7", "D4,lambda_mode=cycle"],
+    "ase_uvit_celeba": ["", "D1", "D2", "D3", "D6"],
+    "deediff_uvit": ["", "cifar10", "celeba", "imagenet256", "celeba,variant=public,joint"],
+    "duodiff": ["", "cifar10", "celeba", "imagenet64", "imagenet256", "celeba,t_switch=500",
+                "cifar10,init=deep"],
+    "masks_dit_imagenet256": ["", "ddim50", "ddim100"],
+    "masks_ddpm_cifar10": ["", "steps=1000"],
+}
+
+
+def load(name, arg=""):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in SETTINGS.items()
+                                      for a in args + ["runlocal"]])
+def test_every_setting_loads_and_validates(name, arg):
+  c = load(name, arg)
+  methods.validate(c)
+  assert c.method in main.METHODS
+  json.loads(c.to_json_best_effort())
+
+
+def test_paper_constants():
+  ase = load("ase_dit_imagenet256", "D7")
+  assert (ase.model.arch, ase.optim.lr, ase.train.ema_decay) == ("dit_xl_2", 2e-5, 0.9999)
+  assert ase.ase.schedule == "D7-DiT" and ase.ase.freeze_time_embedder
+  assert load("ase_uvit_celeba", "D6").ase.schedule == "D6-U-ViT"
+  dee = load("deediff_uvit", "celeba")
+  assert (dee.deediff.threshold, dee.deediff.lam, dee.deediff.beta) == (0.08, 1.0, 1.0)
+  assert (dee.optim.b1, dee.optim.weight_decay, dee.optim.warmup_steps) == (0.99, 0.03, 1500)
+  duo = load("duodiff", "imagenet64")
+  assert (duo.duodiff.shallow_layers, duo.duodiff.t_switch) == (3, 300.0)
+  assert duo.model.arch == "uvit_m4_imagenet64"
+  masks = load("masks_dit_imagenet256", "ddim100")
+  assert (masks.masks.steps, masks.masks.guidance, masks.masks.threshold) == (100, 1.5, 0.5)
+  assert tuple(masks.masks.w_values) == (2.0, 1.5, 1.0)
+
+
+@pytest.mark.parametrize("name,arg,message", [
+    ("ase_dit_imagenet256", "D9", "unknown schedule 'D9'"),
+    ("ase_uvit_celeba", "D7", "unknown schedule 'D7'"),
+    ("ase_dit_imagenet256", "lambda_mode=sometimes", "lambda_mode 'sometimes' unknown"),
+    ("duodiff", "t_switch=1200", r"t_switch t_s must be in \[0, 1000\]"),
+    ("duodiff", "t_switch=-1", r"t_switch t_s must be in \[0, 1000\]"),
+    ("duodiff", "layers=4", "odd number of layers"),
+    ("duodiff", "layers=15", "odd number of layers in 3..13"),
+    ("duodiff", "mnist", "unknown dataset 'mnist'"),
+    ("duodiff", "colour=blue", "unknown config argument 'colour'"),
+    ("deediff_uvit", "celeba,threshold=1.5", r"threshold θ must be in \[0, 1\]"),
+    ("deediff_uvit", "variant=mine", "variant 'mine' unknown"),
+    ("masks_dit_imagenet256", "ddim75", "unknown setting 'ddim75'"),
+    ("masks_ddpm_cifar10", "steps=0", "steps must be >= 1"),
+])
+def test_bad_arguments_fail_at_load(name, arg, message):
+  with pytest.raises(ValueError, match=message):
+    load(name, arg)
+
+
+def test_ase_plateau_hook_switches_once_and_checkpoints_its_state():
+  from jaxee import models
+  c = load("ase_dit_imagenet256", "runlocal")
+  c.ase.plateau_window, c.ase.plateau_patience = 2, 2
+  model = models.create(c.model.arch, **c.model.overrides)
+  setup = methods.build_method(c, model, None, None)
+  assert float(setup.extras["ase_boost"]) == 1.0
+  updates = [setup.on_log(step, {"loss": 1.0}) for step in range(1, 7)]
+  assert updates[:5] == [None] * 5 and float(updates[5]["ase_boost"]) == 0.0
+  saved = json.loads(json.dumps(setup.host_state()))
+  fresh = methods.build_method(c, model, None, None)
+  fresh.load_host_state(saved)
+  assert fresh.host_state() == saved
+  assert fresh.on_log(7, {"loss": 1e-9}) is None       # stays off
+
+
+def test_bad_fields_fail_validation():
+  c = load("ase_dit_imagenet256", "runlocal")
+  c.ase.scale_to_model = False        # D3-DiT runs up to 28 blocks, the runlocal DiT has 4
+  with pytest.raises(ValueError, match="runs up to 28 blocks but the model has 4"):
+    methods.validate(c)
+  c = load("ase_dit_imagenet256", "runlocal")
+  c.ase.custom_schedule = (5,) * 10
+  with pytest.raises(ValueError, match="runs up to 5 blocks but the model has 4"):
+    methods.validate(c)
+  c = load("ase_uvit_celeba", "D1")
+  c.model.arch = "dit_xl_2"
+  c.model.overrides = {}
+  with pytest.raises(ValueError, match="is for uvit, model is dit"):
+    methods.validate(c)
+  c = load("deediff_uvit")
+  c.model.arch = "uvit_xxl"
+  with pytest.raises(ValueError, match="unknown arch 'uvit_xxl'"):
+    methods.validate(c)
+  c = load("masks_dit_imagenet256")
+  c.masks.sampler = "heun"
+  c.masks.threshold = 2.0
+  with pytest.raises(ValueError, match="(?s)sampler 'heun' unknown.*threshold θ must be in"):
+    methods.validate(c)
+  c = load("duodiff")
+  c.method = "distill"
+  with pytest.raises(ValueError, match="method 'distill' unknown"):
+    methods.validate(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_runlocal_trains(name, tmp_path):
+  c = load(name, "runlocal")
+  if c.method == "ase":       # no loss can improve 10-fold: the plateau test fires at step 2
+    assert c.ase.lambda_mode == "plateau"
+    c.ase.plateau_rel_tol = 10.0
+  summary = main.train_and_evaluate(c, str(tmp_path))
+  if c.method == "masks":
+    plan = masks_lib.load_mask_plan(summary["plan"])
+    assert plan.mask.shape[0] == c.masks.steps and plan.mask[0].all()
+    return
+  assert summary["step"] == c.train.num_steps
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, c.train.num_steps + 1))
+  assert all(np.isfinite(r["loss"]) for r in records)
+  if c.method == "ase":
+    model, _, plan = methods.load_ase_export(tmp_path)
+    assert max(plan.schedule) <= (model.depth if model.family == "dit" else model.depth // 2)
+    assert [r["ase_boost"] for r in records] == [1.0, 1.0, 0.0]   # λ back to 1 after step 2
+    assert records[-1]["weight_mean"] == 1.0 and records[0]["weight_mean"] >= 1.0
+  elif c.method == "duodiff":
+    plan = methods.load_duodiff_plan(tmp_path)
+    assert plan.shallow_model.depth == 2 and plan.t_switch == c.duodiff.t_switch
+  elif c.method == "deediff":
+    _, _, ee, meta = methods.load_deediff_export(tmp_path)
+    assert set(ee) == {"heads", "uems"} and meta["threshold"] == c.deediff.threshold

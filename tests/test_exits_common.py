@@ -1,0 +1,131 @@
+"""Shared exit-plan pieces: stats from every sampler run, FLOPs tables, compile time, tools."""
+import importlib.util
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxee
+from jaxee import exits
+from jaxee.eval import flops as flops_lib
+from jaxee.exits import ase
+from jaxee.exits import duodiff
+from jaxee.exits import mask_tools
+from jaxee.exits import masks
+from jaxee.exits import plan as plan_lib
+from jaxee.exits import testing
+
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name):
+  spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_public_exports():
+  for name in ("ase_plan", "ASEPlan", "DuoDiffPlan", "MaskPlan", "load_mask_plan", "FullPlan"):
+    assert hasattr(exits, name), name
+
+
+def test_flops_tables_add_up():
+  model, _ = testing.tiny_dit()
+  n, d = flops_lib.num_tokens(model), flops_lib.width(model)
+  # qkv + out projections (4·N·D²·2), scores and AV (2·2·N²·D), MLP (2·N·D·4D·2), adaLN (D·6D·2).
+  block = 8 * n * d * d + 4 * n * n * d + 16 * n * d * d + 12 * d * d
+  assert flops_lib.block_flops(model) == block
+  assert flops_lib.backbone_flops(model) == pytest.approx(
+      flops_lib.embed_flops(model) + 4 * block + flops_lib.head_flops(model))
+  uvit, _ = testing.tiny_uvit()
+  assert flops_lib.num_blocks(uvit) == 7
+  assert flops_lib.full_block_flops(uvit) == pytest.approx(
+      7 * flops_lib.block_flops(uvit, "body") + 3 * flops_lib.skip_flops(uvit))
+
+
+def test_plain_sampling_reports_blocks_and_flops():
+  model, params = testing.tiny_dit()
+  _, stats = jaxee.sample(model, params, jax.random.PRNGKey(0), num=1, sampler="ddim", steps=4,
+                          labels=jnp.array([1]), return_stats=True)
+  np.testing.assert_array_equal(stats["blocks"], [4] * 4)
+  np.testing.assert_allclose(stats["flops"], [flops_lib.backbone_flops(model)] * 4, rtol=1e-6)
+  assert stats["nfe_times"].shape == (4,)
+
+
+def test_full_plan_matches_plain_sampling():
+  model, params = testing.tiny_uvit()
+  kw = dict(num=1, sampler="euler_ode", steps=3)
+  x = jaxee.sample(model, params, jax.random.PRNGKey(1), **kw)
+  x_plan, stats = jaxee.sample(model, params, jax.random.PRNGKey(1), plan=plan_lib.FullPlan(),
+                               return_stats=True, **kw)
+  testing.assert_outputs_close(x_plan, x)
+  np.testing.assert_array_equal(stats["blocks"], [7] * 3)
+
+
+def _first_call_seconds(model, params, plan, steps, **kw):
+  t0 = time.perf_counter()
+  jax.block_until_ready(jaxee.sample(model, params, jax.random.PRNGKey(0), num=1,
+                                     sampler="ddim", steps=steps, plan=plan, **kw))
+  return time.perf_counter() - t0
+
+
+def test_compile_time_with_a_plan_is_at_most_twice_without():
+  # First calls (trace + lower + compile + a tiny run) with fresh step counts, so every call
+  # compiles; best of two per variant, measured alternately to share the machine's load.
+  model, params = testing.tiny_dit(depth=4)
+  shallow, shallow_p = testing.tiny_dit(rng=jax.random.PRNGKey(9), depth=1)
+  kw = dict(labels=jnp.array([1]), guidance=1.5)
+  d7 = ase.ase_plan("D7-DiT", depth=4)  # 4 distinct depths → a 4-branch switch
+  variants = {
+      "full": lambda s: (None, params),
+      "ase": lambda s: (d7, params),
+      "mask": lambda s: (masks.MaskPlan(mask_tools.keep_fraction_mask(s, 4, 0.5)), params),
+      "duodiff": lambda s: (duodiff.DuoDiffPlan(shallow, t_switch=300),
+                            duodiff.pack_params(params, shallow_p)),
+  }
+  best = {k: float("inf") for k in variants}
+  for steps in (5, 6):
+    for name, make in variants.items():
+      plan, p = make(steps)
+      best[name] = min(best[name], _first_call_seconds(model, p, plan, steps, **kw))
+  for name in ("ase", "mask", "duodiff"):
+    assert best[name] <= 2.0 * best["full"], (name, best)
+
+
+def test_plan_specs():
+  model, params = testing.tiny_dit(depth=4)
+  times = np.linspace(999, 0, 10).astype(np.float32)
+  plan, p = testing.plan_from_spec("ase:D3-DiT", model, params, times)
+  assert plan.schedule == ase.scale_schedule(ase.ASE_TABLES["D3-DiT"], 28, 4) and p is params
+  plan, _ = testing.plan_from_spec("ase:4,4,3,3,2,2,1,1,1,1:loop", model, params, times)
+  assert plan.runner == "loop" and plan.schedule[4] == 2
+  plan, p = testing.plan_from_spec("duodiff:300:2", model, params, times)
+  assert plan.shallow_model.depth == 2 and set(p) == {"deep", "shallow"}
+  plan, _ = testing.plan_from_spec("mask:0.5", model, params, times)
+  assert plan.mask.shape == (10, 4) and plan.mask[1:].sum(1).tolist() == [2] * 9
+  plan, _ = testing.plan_from_spec("mask:0.25:branch", model, params, times)
+  assert plan.unit == "branch" and plan.mask[1:].sum(1).tolist() == [6] * 9
+  with pytest.raises(ValueError, match="unknown plan spec"):
+    testing.plan_from_spec("nope:1", model, params, times)
+  bench = _tool("bench_exits")
+  assert bench.split_plans("ase:D3-DiT,ase:1,2,3,4,5,6,7,8,9,9,mask:0.5") == [
+      "ase:D3-DiT", "ase:1,2,3,4,5,6,7,8,9,9", "mask:0.5"]
+  assert bench.split_plans("duodiff:300:3+mask:0.5") == ["duodiff:300:3", "mask:0.5"]
+
+
+def test_plot_exits_writes_a_png(tmp_path):
+  plot = _tool("plot_exits")
+  out = tmp_path / "exits.png"
+  args = plot.parse_args(["--arch", "dit_s_8", "--input-size", "16", "--steps", "10",
+                          "--plans", "ase:D3-DiT,ase:D7-DiT,mask:0.5", "--out", str(out),
+                          "--platform", ""])
+  curves = plot.depth_curves(args)
+  assert set(curves) == {"full", "ase:D3-DiT", "ase:D7-DiT", "mask:0.5"}
+  tau, blocks = curves["ase:D3-DiT"]
+  assert tau[0] > 0.8 and blocks[0] == 5 and blocks[-1] == 12  # D3 scaled to 12 blocks
+  plot.plot(curves, "test", str(out))
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
