@@ -17,7 +17,8 @@ Exit plans (`--config.plan=...`, built by `jaxee.sample_main.make_plan`): `ase:D
 table; `--config.plan_options.depth=N` rescales it to N blocks), `mask:PATH` (a saved
 `MaskPlan`; `plan_options.rectify`), `duodiff[:T_SWITCH]` (shallow model from
 `plan_options.shallow_ckpt`, converted dir or a `.pt` of `shallow_arch` (default: `arch`) with
-`model_overrides` and depth `shallow_depth`).
+`model_overrides` and depth `shallow_depth`), `deediff:WORKDIR` (heads/UEMs of a DeeDiff run;
+`plan_options.threshold`, `.mode`, `.min_fraction`).
 """
 from ml_collections import config_dict
 
@@ -56,6 +57,10 @@ def base_config() -> config_dict.ConfigDict:
       "shallow_depth": config_dict.placeholder(int),
       "t_switch": 300.0,
       "rule": "threshold",  # DuoDiff: 'threshold' (DDPM loop) | 'lagged' (DDIM loop)
+      "heads": config_dict.placeholder(str),  # DeeDiff: workdir or deediff_heads.npz
+      "threshold": config_dict.placeholder(float),  # DeeDiff θ (default: the file's)
+      "mode": "batched",  # DeeDiff runner: 'batched' (real exit) | 'exact' (reference)
+      "min_fraction": 1.0,  # DeeDiff batched: stop once this fraction has exited
   })
   c.sampler_options = config_dict.ConfigDict()
   c.uint8 = "dit_fid"

@@ -103,6 +103,12 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
     log(f"[{result.arch}] {variant.name:16s} FD {quality['frechet']:8.2f}  conf "
         f"{quality['confidence']:.3f}  acc {quality['class_accuracy']:.3f}  layer ratio "
         f"{exits['layer_ratio']:.3f}  ideal saving {exits['ideal_saving']:+.3f}")
+  feats = {name: metric.features_and_probs(x)[0] for name, x in samples.items()}
+  pairs = [(name, "full") for name in feats if name != "full"]
+  if "ase" in feats and "ase_no_finetune" in feats:
+    pairs.append(("ase", "ase_no_finetune"))
+  for (name, other), std in paired_frechet_noise(metric, feats, pairs).items():
+    records[name]["quality"][f"frechet_diff_std_vs_{other}"] = std
   raw = alternating_timing(calls, scale.timing_rounds)
   full = statistics.median(raw["full"])
   for name, secs in raw.items():
@@ -111,13 +117,50 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
     realized = 1.0 - med / full
     records[name]["timing"] = {
         "median_s": med, "speedup": full / med, "realized_saving": realized,
-        "efficiency": (realized / ideal) if abs(ideal) > 1e-9 else None,
-        "samples_per_s": scale.num_eval / med}
+        # Only meaningful for a variant that skips work (the exact DeeDiff reference adds some).
+        "efficiency": (realized / ideal) if ideal > 1e-3 else None,
+        "samples_per_s": scale.num_eval / med,
+        # Paired by round (the alternating order): rounds in which this variant beat the full
+        # model, the sign test behind the report's "faster"/"slower" claims.
+        "rounds_faster": int(sum(f > v for f, v in zip(raw["full"], secs))),
+        "rounds_slower": int(sum(f < v for f, v in zip(raw["full"], secs))),
+        "rounds": len(secs)}
   log(f"[{result.arch}] timing ({scale.timing_rounds} alternating rounds, medians): " + ", ".join(
       f"{n} {r['timing']['median_s']:.3f}s ×{r['timing']['speedup']:.2f}"
       for n, r in records.items()))
   return {"variants": records, "samples": samples, "labels": np.asarray(labels),
           "timing_raw": raw}
+
+
+def paired_frechet_noise(metric, feats: dict, pairs, draws: int = 50, seed: int = 0) -> dict:
+  """Bootstrap std of FD(a) − FD(b) for each (a, b) in `pairs`, resampling rows *paired*.
+
+  Every variant samples from the same start noise and labels, so row i of each variant is the
+  same draw; resampling the same row indices for both sides measures the sampling noise of the
+  FD difference at this sample size (deterministic: fixed `seed`).
+
+  Args:
+    metric: a fitted `ClassifierMetric`.
+    feats: name → (N, F) classifier features of that variant's samples (same N).
+    pairs: (a, b) name pairs.
+    draws: bootstrap resamples.
+    seed: resampling seed.
+
+  Returns:
+    {(a, b): std}.
+  """
+  sizes = {len(f) for f in feats.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"variants have different sample counts {sorted(sizes)}")
+  n = sizes.pop()
+  idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+  cache = {}
+
+  def fds(name):
+    if name not in cache:
+      cache[name] = np.array([metric.frechet_from_features(feats[name][i]) for i in idx])
+    return cache[name]
+  return {(a, b): float(np.std(fds(a) - fds(b), ddof=1)) for a, b in pairs}
 
 
 def real_reference(metric, images: np.ndarray, labels: np.ndarray) -> dict:

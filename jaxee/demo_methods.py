@@ -24,8 +24,11 @@ the run: it records the full network's own sampling trajectory (DDIM + CFG from 
 `teacher_trajectory`; no data), evaluates every UEM at every recorded NFE input, simulates the
 batched runner's stop rule (the loop stops once `min_fraction` of the batch has u ≤ θ at or
 before the current layer) and takes the θ whose mean executed-block fraction is closest to
-`deediff_target_ratio`. Sampling with exits then drifts slightly from the teacher's trajectory, so
-the measured fraction can differ a little from the predicted one (both are reported).
+`deediff_target_ratio`. Sampling with exits then drifts from the teacher's trajectory, so
+`refine_threshold` closes the loop: it samples a calibration batch (not the evaluation noise) with
+the real batched runner, shifts the target by the measured − predicted gap and recalibrates, a
+few times, keeping the θ whose measured fraction is closest to the target. The evaluation run's
+own fraction is measured again and reported beside the prediction.
 """
 from __future__ import annotations
 
@@ -239,6 +242,59 @@ def calibrate_threshold(u: np.ndarray, target_ratio: float, min_fraction: float)
   return best
 
 
+def measured_exit_ratio(model, params, ee, uem: str, threshold: float, scale, seed: int,
+                        arch: str) -> float:
+  """Mean executed-block fraction of the real batched runner at θ, in a calibration run.
+
+  Samples `deediff_calib_samples` digits with the demo's sampler settings from start noise
+  that is *not* the evaluation noise (`seed + 29` vs `seed + 1000`) and reads the runner's own
+  per-NFE `blocks` statistics.
+  """
+  from jaxee import demo_eval  # pylint: disable=g-import-not-at-top
+  plan = deediff_lib.DeeDiffPlan(ee, threshold=threshold, mode="batched",
+                                 min_fraction=scale.deediff_min_fraction, uem=uem)
+  x_T, labels = demo_eval.eval_inputs(model, scale.deediff_calib_samples, seed + 29)
+  call = demo_eval.make_sampler(model, Variant("calib", "deediff", params, plan), x_T, labels,
+                                scale.sample_steps, scale.arch_value("guidance", arch))
+  _, stats = jax.block_until_ready(call())
+  return float(np.mean(np.asarray(stats["blocks"], np.float64)) / flops_lib.num_blocks(model))
+
+
+def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scale, seed: int,
+                     arch: str, log: Log) -> dict:
+  """Closes the loop on θ: sampling *with* exits drifts from the teacher trajectory.
+
+  The open-loop θ of `calibrate_threshold` is exact on the full model's trajectory, but once
+  samples exit early their trajectory (and the UEMs' inputs) change, and with
+  `min_fraction = 1` the slowest of hundreds of rows decides the depth, so the measured fraction
+  is usually higher than predicted. Each iteration measures the real runner
+  (`measured_exit_ratio`), shifts the open-loop target by the measured − predicted gap and
+  recalibrates on the recorded u; the θ whose *measured* fraction is closest to the target wins.
+  """
+  target = cal["target_ratio"]
+  tried = []
+  current = dict(cal)
+  for it in range(scale.deediff_refine_iters + 1):
+    measured = measured_exit_ratio(model, params, ee, uem, current["threshold"], scale, seed,
+                                   arch)
+    tried.append({"threshold": current["threshold"], "predicted_ratio": current["predicted_ratio"],
+                  "measured_ratio": measured})
+    log(f"[{arch}] deediff: θ = {current['threshold']:.4f} measured executed-block fraction "
+        f"{measured:.3f} (predicted {current['predicted_ratio']:.3f})")
+    if it == scale.deediff_refine_iters or abs(measured - target) < 0.02:
+      break
+    shifted = float(np.clip(current["predicted_ratio"] - (measured - target), 0.0, 1.0))
+    nxt = calibrate_threshold(u, shifted, scale.deediff_min_fraction)
+    if any(abs(nxt["threshold"] - t["threshold"]) < 1e-12 for t in tried):
+      break
+    current = nxt
+  best = min(tried, key=lambda t: abs(t["measured_ratio"] - target))
+  out = dict(cal, threshold=best["threshold"], predicted_ratio=best["predicted_ratio"],
+             calibration_measured_ratio=best["measured_ratio"], refinement=tried)
+  out["open_loop_threshold"] = cal["threshold"]
+  return out
+
+
 def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) -> ArchResult:
   """Runs every stage of `scale.methods_for(arch)` and returns the sampling variants.
 
@@ -274,6 +330,9 @@ def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) ->
     u, cal = clock.run("deediff_calibration", calibrate)
     log(f"[{arch}] deediff: θ = {cal['threshold']:.4f} (predicted executed-block fraction "
         f"{cal['predicted_ratio']:.3f}, target {cal['target_ratio']})")
+    if scale.deediff_refine_iters > 0:
+      cal = clock.run("deediff_refinement", lambda: refine_threshold(
+          model, params, ee, uem, u, cal, scale, seed, arch, log))
     plan = dd.DeeDiffPlan(ee, threshold=cal["threshold"], mode="batched",
                           min_fraction=scale.deediff_min_fraction, uem=uem)
     info = dict(cal, uem=uem, num_exits=deediff_heads.num_exits(model),

@@ -3,14 +3,19 @@
 Every number in the report is computed by the run that writes it (`jaxee.demo`): quality from
 `jaxee.eval.classifier_metric`, exit statistics from the samplers' own per-NFE stats
 (`jaxee.eval.report.exit_summary`), speed from the alternating wall-clock timing of
-`jaxee.demo_eval`. `effects(report)` reduces a report to the signs of its claims (is each method
-faster than the full model, is its Fréchet distance above or below the full model's, does ASE's
-fine-tuning beat the same schedule without it, ...), which is what is compared between seeds.
+`jaxee.demo_eval`. `effects(report)` reduces a report to the directions of its claims (is each
+method faster than the full model by a sign test over paired timing rounds, is its Fréchet
+distance higher or lower than the full model's beyond the paired-bootstrap noise, does ASE's
+fine-tuning beat the same schedule without it, ...), which is what is compared between seeds:
+
+    python -m jaxee.demo_report runs/demo/report.json runs/demo_s1/report.json
 """
 from __future__ import annotations
 
+import math
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import numpy as np
 
@@ -29,8 +34,42 @@ DESCRIPTIONS = {
 }
 
 
+NOISE_SIGMAS = 2.0       # an FD difference is a claim only beyond 2 bootstrap stds
+SIGN_TEST_FRACTION = 0.85  # "faster"/"slower": at least this fraction of paired rounds agree
+
+
+def fd_direction(delta: float, std: Optional[float]) -> str:
+  """'higher' / 'lower' / 'within noise' for an FD difference and its bootstrap std."""
+  if std is None:
+    return "higher" if delta > 0 else "lower"
+  if delta > NOISE_SIGMAS * std:
+    return "higher"
+  if delta < -NOISE_SIGMAS * std:
+    return "lower"
+  return "within noise"
+
+
+def speed_direction(timing: dict) -> str:
+  """'faster' / 'slower' / 'no clear difference' than the full model, by a sign test over the
+  paired alternating rounds (falls back to the median speed-up when rounds are not recorded)."""
+  rounds = timing.get("rounds")
+  if not rounds:
+    return "faster" if timing["speedup"] > 1.0 else "slower"
+  need = math.ceil(SIGN_TEST_FRACTION * rounds)
+  if timing["rounds_faster"] >= need and timing["speedup"] > 1.0:
+    return "faster"
+  if timing["rounds_slower"] >= need and timing["speedup"] < 1.0:
+    return "slower"
+  return "no clear difference"
+
+
 def effects(report: dict) -> dict:
-  """The direction of each claim of a report: {arch: {claim: bool}}."""
+  """The direction of each claim of a report: {arch: {claim: direction}}.
+
+  Speed: 'faster' / 'slower' / 'no clear difference' (`speed_direction`); FLOPs: 'yes'/'no';
+  quality: the FD versus the full model's (and ASE's versus the un-tuned ablation's) as
+  'higher' / 'lower' / 'within noise' (`fd_direction`, paired bootstrap std of the difference).
+  """
   out = {}
   for arch, a in report["archs"].items():
     v = a["variants"]
@@ -40,14 +79,58 @@ def effects(report: dict) -> dict:
       if name == "full":
         continue
       if not rec.get("info", {}).get("reference"):  # a reference mode is not meant to be fast
-        claims[f"{name}: faster than full"] = rec["timing"]["speedup"] > 1.0
-        claims[f"{name}: saves FLOPs"] = rec["exits"]["ideal_saving"] > 0.0
-      claims[f"{name}: FD above full"] = rec["quality"]["frechet"] > full_fd
+        claims[f"{name}: speed vs full"] = speed_direction(rec["timing"])
+        claims[f"{name}: saves FLOPs"] = "yes" if rec["exits"]["ideal_saving"] > 0.0 else "no"
+      claims[f"{name}: FD vs full"] = fd_direction(
+          rec["quality"]["frechet"] - full_fd, rec["quality"].get("frechet_diff_std_vs_full"))
     if "ase" in v and "ase_no_finetune" in v:
-      claims["ase: fine-tuning lowers FD"] = (v["ase"]["quality"]["frechet"]
-                                             < v["ase_no_finetune"]["quality"]["frechet"])
+      claims["ase: FD vs the un-tuned schedule"] = fd_direction(
+          v["ase"]["quality"]["frechet"] - v["ase_no_finetune"]["quality"]["frechet"],
+          v["ase"]["quality"].get("frechet_diff_std_vs_ase_no_finetune"))
     out[arch] = claims
   return out
+
+
+UNDECIDED = ("within noise", "no clear difference")
+
+
+def compare_effects(first: dict, second: dict) -> dict:
+  """Claim by claim, do two reports (e.g. two seeds) point the same way?
+
+  Returns:
+    {'rows': [(arch, claim, first, second, status)], 'counts': {status: n}} where status is
+    'same', 'compatible' (one side is undecided: within noise / no clear difference),
+    'contradicts' (opposite decided directions) or 'missing' (only in one report).
+  """
+  a, b = effects(first), effects(second)
+  rows = []
+  for arch in sorted(set(a) | set(b)):
+    ca, cb = a.get(arch, {}), b.get(arch, {})
+    for claim in sorted(set(ca) | set(cb)):
+      x, y = ca.get(claim), cb.get(claim)
+      if x is None or y is None:
+        status = "missing"
+      elif x == y:
+        status = "same"
+      elif x in UNDECIDED or y in UNDECIDED:
+        status = "compatible"
+      else:
+        status = "contradicts"
+      rows.append((arch, claim, x, y, status))
+  counts = {}
+  for row in rows:
+    counts[row[-1]] = counts.get(row[-1], 0) + 1
+  return {"rows": rows, "counts": counts}
+
+
+def compare_markdown(first: dict, second: dict) -> str:
+  """A markdown table of `compare_effects` for two reports."""
+  cmp = compare_effects(first, second)
+  head = [f"seed {first.get('seed')}", f"seed {second.get('seed')}"]
+  table = report_lib.markdown_table(
+      ["arch", "claim", *head, "agreement"], [list(r) for r in cmp["rows"]])
+  counts = ", ".join(f"{k}: {n}" for k, n in sorted(cmp["counts"].items()))
+  return f"{table}\n\n{counts}\n"
 
 
 def save_grids(out: pathlib.Path, arch: str, samples: dict) -> dict:
@@ -88,13 +171,18 @@ def save_plots(out: pathlib.Path, arch: str, record: dict, real_fd: float) -> di
 def _arch_table(record: dict) -> str:
   variants = record["variants"]
   names = [n for n in ORDER if n in variants] + [n for n in variants if n not in ORDER]
-  header = ["variant", "FD ↓", "confidence", "class acc.", "layer ratio", "MFLOPs / image",
+  header = ["variant", "FD ↓", f"ΔFD vs full (±{NOISE_SIGMAS:g}σ)", "confidence", "class acc.",
+            "layer ratio", "MFLOPs / image",
             "ideal saving", "median s", "speed-up", "realized saving", "efficiency"]
   rows = []
   for n in names:
     r = variants[n]
     q, e, t = r["quality"], r["exits"], r["timing"]
-    rows.append([f"`{n}`", report_lib.fmt(q["frechet"], 2), report_lib.fmt(q["confidence"]),
+    std = q.get("frechet_diff_std_vs_full")
+    delta = q["frechet"] - variants["full"]["quality"]["frechet"]
+    dfd = "–" if n == "full" else (f"{delta:+.2f}" if std is None
+                                   else f"{delta:+.2f} ± {NOISE_SIGMAS * std:.2f}")
+    rows.append([f"`{n}`", report_lib.fmt(q["frechet"], 2), dfd, report_lib.fmt(q["confidence"]),
                  report_lib.fmt(q.get("class_accuracy")), report_lib.fmt(e["layer_ratio"]),
                  report_lib.fmt(e["flops_per_image"] / 1e6, 1),
                  report_lib.fmt(e["ideal_saving"], signed=True),
@@ -113,9 +201,12 @@ def _method_facts(record: dict) -> list:
   if "deediff" in v:
     i = v["deediff"]["info"]
     lines.append(f"- DeeDiff: θ = {i['threshold']:.4f} calibrated for an executed-block "
-                 f"fraction of {i['target_ratio']} (predicted {i['predicted_ratio']:.3f}, "
-                 f"measured {v['deediff']['exits']['layer_ratio']:.3f}), batch stop fraction "
-                 f"{i['min_fraction']}, UEM '{i['uem']}'")
+                 f"fraction of {i['target_ratio']} (open-loop prediction on the full model's "
+                 f"trajectory {i['predicted_ratio']:.3f}"
+                 + (f", closed-loop calibration run {i['calibration_measured_ratio']:.3f}"
+                    if "calibration_measured_ratio" in i else "")
+                 + f", this evaluation {v['deediff']['exits']['layer_ratio']:.3f}), batch stop "
+                 f"fraction {i['min_fraction']}, UEM '{i['uem']}'")
   if "deediff_exact" in v and "exit_per_nfe" in v["deediff_exact"]["exits"]:
     e = v["deediff_exact"]["exits"]
     ratio = float(np.mean(e["exit_per_nfe"])) / e["num_blocks"]
@@ -173,10 +264,15 @@ def markdown(report: dict) -> str:
     lines += ["", "Stage times (s): " + ", ".join(
         f"{k} {v['wall_s']:.0f} wall / {v['cpu_s']:.0f} CPU" for k, v in rec["stages"].items()),
         ""]
-  lines += ["## Claims of this run", ""]
+  lines += ["## Claims of this run", "",
+            f"Speed: a sign test over the paired alternating rounds (faster/slower in at least "
+            f"{SIGN_TEST_FRACTION:.0%} of them, else no clear difference). FD: the difference "
+            f"to the full model beyond ±{NOISE_SIGMAS:g} paired-bootstrap standard deviations, "
+            f"else within noise. Compare two runs with `python -m jaxee.demo_report "
+            f"A/report.json B/report.json`.", ""]
   for arch, claims in report["effects"].items():
-    for claim, holds in claims.items():
-      lines.append(f"- {arch}: {claim}: {'yes' if holds else 'no'}")
+    for claim, direction in claims.items():
+      lines.append(f"- {arch}: {claim}: {direction}")
   return "\n".join(lines) + "\n"
 
 
@@ -196,3 +292,23 @@ def arch_record(arch: str, result: Any, evaluated: dict, scale: Any) -> dict:
           "sample_steps": scale.sample_steps, "guidance": scale.arch_value("guidance", arch),
           "num_eval": scale.num_eval, "stages": result.stages,
           "variants": evaluated["variants"], "timing_raw_s": evaluated["timing_raw"]}
+
+
+def main(argv=None) -> int:
+  """`python -m jaxee.demo_report A/report.json B/report.json`: claim agreement of two runs.
+
+  Exit status 1 when a decided claim of one run is contradicted by the other.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  args = sys.argv[1:] if argv is None else argv
+  if len(args) != 2:
+    print("usage: python -m jaxee.demo_report FIRST/report.json SECOND/report.json",
+          file=sys.stderr)
+    return 2
+  reports = [json.loads(pathlib.Path(p).read_text()) for p in args]
+  print(compare_markdown(*reports))
+  return 1 if compare_effects(*reports)["counts"].get("contradicts") else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

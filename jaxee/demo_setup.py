@@ -66,6 +66,7 @@ class DemoScale:
   deediff_lr: float = 2e-3
   deediff_target_ratio: float = 0.75   # θ is calibrated to this mean executed-block fraction
   deediff_min_fraction: float = 1.0
+  deediff_refine_iters: int = 3        # closed-loop θ corrections (`refine_threshold`)
   deediff_calib_samples: int = 300     # teacher trajectories for the calibration (x2 with CFG);
   # as many as `num_eval`: with min_fraction 1 the slowest sample of the batch decides the depth,
   # so the calibration batch must be as large as the sampled one.
@@ -104,7 +105,7 @@ SCALES = {
         "micro", width=32, dit_depth=4, uvit_depth=4, num_heads=2, batch_size=16,
         backbone_steps=6, warmup_steps=1, sample_steps=6, num_eval=20, timing_rounds=2,
         classifier_steps=20, ase_steps=3, deediff_steps=3, duodiff_steps=3, masks_iters=2,
-        masks_samples=4, deediff_calib_samples=20),
+        masks_samples=4, deediff_calib_samples=20, deediff_refine_iters=1),
 }
 
 

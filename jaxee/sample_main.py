@@ -118,7 +118,7 @@ def _plan_file(spec: str) -> Optional[str]:
   kind, _, rest = spec.partition(":")
   if kind == "mask":
     return rest
-  return spec if spec.endswith(".npz") else None
+  return spec if spec.endswith(".npz") and kind not in ("deediff", "duodiff", "ase") else None
 
 
 def make_plan(config, model) -> Any:
@@ -129,7 +129,9 @@ def make_plan(config, model) -> Any:
   `MaskPlan.save`; `plan_options.rectify` applies TABM rectification); `'duodiff'` or
   `'duodiff:T_SWITCH'` (the shallow model from `plan_options.shallow_ckpt`: a converted dir, or
   a torch file of `shallow_arch` (default `arch`) with `model_overrides` and depth
-  `shallow_depth`; rule `plan_options.rule`).
+  `shallow_depth`; rule `plan_options.rule`); `'deediff:WORKDIR'` (heads/UEMs of a DeeDiff
+  training run, its workdir or `deediff_heads.npz`; θ from the file unless
+  `plan_options.threshold`; `plan_options.mode` batched|exact, `plan_options.min_fraction`).
   """
   spec = config.get("plan")
   if spec is None or str(spec).strip().lower() in ("", "none", "full"):
@@ -158,8 +160,19 @@ def make_plan(config, model) -> Any:
       raise ValueError(f"plan {spec!r}: T_SWITCH must be a number of steps") from None
     return duodiff.DuoDiffPlan(shallow, shallow_params, t_switch=t_switch,
                                rule=opts.get("rule") or "threshold")
+  if kind == "deediff":
+    from jaxee.exits import deediff  # pylint: disable=g-import-not-at-top
+    from jaxee.train import methods  # pylint: disable=g-import-not-at-top
+    ee, meta = methods.load_deediff_heads(_check_path(rest or opts.get("heads"),
+                                                      "plan_options.heads"))
+    threshold = opts.get("threshold")
+    return deediff.DeeDiffPlan(
+        ee, threshold=float(meta["threshold"] if threshold is None else threshold),
+        mode=opts.get("mode") or "batched", min_fraction=float(opts.get("min_fraction") or 1.0),
+        uem=meta.get("uem", "token_mean"))
   raise ValueError(f"unknown plan spec {spec!r}: use None/'full', 'ase:NAME' (one of "
-                   f"{sorted(ase.ASE_TABLES)}), 'mask:PATH', 'PATH.npz' or 'duodiff[:T_SWITCH]'")
+                   f"{sorted(ase.ASE_TABLES)}), 'mask:PATH', 'PATH.npz', 'duodiff[:T_SWITCH]' or "
+                   f"'deediff:WORKDIR'")
 
 
 def _check_path(path: str, what: str) -> pathlib.Path:

@@ -82,20 +82,59 @@ def test_alternating_timing_rotates_the_order():
 
 
 def _fake_report():
-  def rec(fd, speedup, saving):
-    return {"quality": {"frechet": fd}, "timing": {"speedup": speedup},
-            "exits": {"ideal_saving": saving}}
-  variants = {"full": rec(10.0, 1.0, 0.0), "ase": rec(11.0, 1.3, 0.3),
-              "ase_no_finetune": rec(30.0, 1.3, 0.3), "masks": rec(9.0, 0.9, 0.2)}
-  return {"archs": {"dit": {"variants": variants}}}
+  def rec(fd, speedup, saving, std=None, faster=None):
+    quality = {"frechet": fd}
+    if std is not None:
+      quality["frechet_diff_std_vs_full"] = std
+    timing = {"speedup": speedup}
+    if faster is not None:
+      timing.update(rounds=7, rounds_faster=faster, rounds_slower=7 - faster)
+    return {"quality": quality, "timing": timing, "exits": {"ideal_saving": saving}}
+  variants = {"full": rec(10.0, 1.0, 0.0), "ase": rec(11.0, 1.3, 0.3, std=0.2, faster=7),
+              "ase_no_finetune": rec(30.0, 1.3, 0.3), "masks": rec(9.0, 0.9, 0.2, std=0.1),
+              "duodiff": rec(10.3, 1.02, 0.1, std=0.5, faster=4)}
+  return {"seed": 0, "archs": {"dit": {"variants": variants}}}
 
 
-def test_effects_are_the_signs_of_the_claims():
+def test_effects_are_the_directions_of_the_claims():
   e = demo_report.effects(_fake_report())["dit"]
-  assert e["ase: faster than full"] and e["ase: FD above full"]
-  assert e["ase: fine-tuning lowers FD"]
-  assert not e["masks: faster than full"] and not e["masks: FD above full"]
-  assert "full: faster than full" not in e
+  assert e["ase: speed vs full"] == "faster" and e["ase: FD vs full"] == "higher"
+  assert e["ase: FD vs the un-tuned schedule"] == "lower"
+  assert e["masks: speed vs full"] == "slower" and e["masks: FD vs full"] == "lower"
+  assert e["masks: saves FLOPs"] == "yes"
+  # 4 of 7 rounds faster is no evidence; +0.3 FD with a 0.5 std is noise.
+  assert e["duodiff: speed vs full"] == "no clear difference"
+  assert e["duodiff: FD vs full"] == "within noise"
+  assert "full: speed vs full" not in e
+
+
+def test_compare_effects_between_runs():
+  first = _fake_report()
+  second = json.loads(json.dumps(first))
+  v = second["archs"]["dit"]["variants"]
+  v["duodiff"]["quality"]["frechet"] = 20.0            # within noise → higher: compatible
+  v["masks"]["quality"]["frechet"] = 12.0              # lower → higher: contradicts
+  second["seed"] = 1
+  cmp = demo_report.compare_effects(first, second)
+  status = {claim: s for _, claim, _, _, s in cmp["rows"]}
+  assert status["duodiff: FD vs full"] == "compatible"
+  assert status["masks: FD vs full"] == "contradicts"
+  assert status["ase: speed vs full"] == "same"
+  assert cmp["counts"]["contradicts"] == 1
+  assert "contradicts" in demo_report.compare_markdown(first, second)
+
+
+def test_paired_frechet_noise_shrinks_for_identical_pairs():
+  class Metric:
+    def frechet_from_features(self, f):
+      return float(np.sum(f.mean(0) ** 2) + np.trace(np.cov(f, rowvar=False)))
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(200, 3))
+  feats = {"full": a, "same": a.copy(), "other": rng.normal(size=(200, 3))}
+  std = demo_eval.paired_frechet_noise(Metric(), feats, [("same", "full"), ("other", "full")])
+  assert std[("same", "full")] == 0.0 and std[("other", "full")] > 0.01
+  with pytest.raises(ValueError, match="different sample counts"):
+    demo_eval.paired_frechet_noise(Metric(), {"full": a, "x": a[:10]}, [("x", "full")])
 
 
 @pytest.mark.parametrize("method", ["baseline", "ase", "deediff", "duodiff", "masks"])
@@ -159,4 +198,29 @@ def test_micro_pipeline_smoke(tmp_path):
   md = (out / "report.md").read_text()
   assert "`duodiff`" in md and "Claims of this run" in md
   assert on_disk["effects"] == report["effects"]
-  assert "duodiff: saves FLOPs" in on_disk["effects"]["dit"]
+  assert on_disk["effects"]["dit"]["duodiff: saves FLOPs"] == "yes"
+  assert "frechet_diff_std_vs_full" in duo["quality"]
+  assert duo["timing"]["rounds"] == scale.timing_rounds
+
+
+def test_refine_threshold_closes_the_loop(monkeypatch):
+  # The "real runner" executes 0.15 more of the depth than the open-loop simulation predicts.
+  nfe, layers, batch = 8, 6, 32
+  rng = np.random.default_rng(2)
+  base = np.linspace(0.9, 0.1, layers)[None, :, None] * np.linspace(0.4, 1.0, nfe)[:, None, None]
+  u = np.clip(base + 0.02 * rng.normal(size=(nfe, layers, batch)), 0, 1)
+
+  def fake_measured(model, params, ee, uem, threshold, scale, seed, arch):
+    sim = demo_methods.batched_exit_depths(u, threshold, 1.0).mean() / layers
+    return float(min(1.0, sim + 0.15))
+  monkeypatch.setattr(demo_methods, "measured_exit_ratio", fake_measured)
+  scale = dataclasses.replace(demo_setup.SCALES["micro"], deediff_refine_iters=3,
+                              deediff_min_fraction=1.0)
+  cal = demo_methods.calibrate_threshold(u, 0.6, 1.0)
+  out = demo_methods.refine_threshold(None, None, None, "token_mean", u, cal, scale, 0, "dit",
+                                      lambda _: None)
+  open_loop = fake_measured(None, None, None, None, cal["threshold"], None, 0, None)
+  assert abs(open_loop - 0.6) > 0.1
+  assert abs(out["calibration_measured_ratio"] - 0.6) < abs(open_loop - 0.6)
+  assert out["open_loop_threshold"] == cal["threshold"] and len(out["refinement"]) >= 2
+  assert out["threshold"] > cal["threshold"]       # exits must come earlier than predicted

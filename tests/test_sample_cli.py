@@ -303,6 +303,32 @@ def test_mask_and_duodiff_specs_build_plans(tmp_path):
     sample_main.make_plan(runlocal(tmp_path, plan="ase:D9-DiT"), model)
 
 
+def test_deediff_spec_loads_trained_heads(tmp_path):
+  import json
+  import jax
+  from jaxee.exits import deediff, deediff_heads
+  model = models.create("dit", **_config_module("sample_dit").DIT_TINY)
+  ee = deediff_heads.init_deediff_params(model, jax.random.PRNGKey(0), uem="token_mean")
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(ee)[0]}
+  meta = json.dumps({"threshold": 0.3, "uem": "token_mean"})
+  np.savez(tmp_path / "deediff_heads.npz", __meta__=np.array(meta), **flat)
+  plan = sample_main.make_plan(runlocal(tmp_path / "out", plan=f"deediff:{tmp_path}"), model)
+  assert isinstance(plan, deediff.DeeDiffPlan)
+  assert plan.threshold == 0.3 and plan.mode == "batched" and plan.uem == "token_mean"
+  config = runlocal(tmp_path / "out", plan=f"deediff:{tmp_path / 'deediff_heads.npz'}")
+  config.plan_options.threshold = 0.1
+  config.plan_options.mode = "exact"
+  plan = sample_main.make_plan(config, model)
+  assert plan.threshold == 0.1 and plan.mode == "exact"
+  jax.tree.map(np.testing.assert_array_equal, plan.ee_params, jax.tree.map(np.asarray, ee))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no DeeDiff heads file"):
+    sample_main.make_plan(runlocal(tmp_path, plan=f"deediff:{tmp_path / 'empty'}"), model)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    sample_main.make_plan(runlocal(tmp_path, plan=f"deediff:{tmp_path / 'missing'}"), model)
+
+
 def test_converted_orbax_checkpoint_gives_the_same_samples(reference, tmp_path):
   ref, _ = reference
   config = runlocal(tmp_path / "run", num_samples=4)

@@ -32,7 +32,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -353,7 +353,23 @@ def load_deediff_export(workdir):
   """(model, backbone params, ee_params, meta) from a DeeDiff training workdir's export."""
   from jaxee import convert  # pylint: disable=g-import-not-at-top
   model, params = convert.load_converted(pathlib.Path(workdir) / EXPORT_DIR)
-  with np.load(pathlib.Path(workdir) / DEEDIFF_FILE, allow_pickle=False) as data:
+  ee, meta = load_deediff_heads(workdir)
+  return model, params, ee, meta
+
+
+def load_deediff_heads(path) -> Tuple[Dict[str, Any], dict]:
+  """(ee_params, meta) from a DeeDiff workdir or its `deediff_heads.npz` (no pickles read).
+
+  `meta` holds the trained θ (`threshold`) and the UEM kind (`uem`).
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / DEEDIFF_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"no DeeDiff heads file at {path} (written by method 'deediff')")
+  with np.load(path, allow_pickle=False) as data:
+    if "__meta__" not in data.files:
+      raise ValueError(f"{path} is not a DeeDiff heads file (no __meta__ entry)")
     meta = json.loads(str(data["__meta__"]))
     ee: Dict[str, Any] = {}
     for key in data.files:
@@ -364,7 +380,7 @@ def load_deediff_export(workdir):
       for part in parents:
         node = node.setdefault(part, {})
       node[leaf] = data[key]
-  return model, params, ee, meta
+  return ee, meta
 
 
 def _build_duodiff(config, model, params, rng) -> MethodSetup:
