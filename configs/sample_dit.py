@@ -50,7 +50,7 @@ def base_config() -> config_dict.ConfigDict:
   c.plan = config_dict.placeholder(str)
   c.plan_options = config_dict.ConfigDict({
       "depth": config_dict.placeholder(int),  # ASE: rescale the table to this depth
-      "runner": "switch",  # ASE runner: 'switch' | 'fori'
+      "runner": "loop",  # ASE runner: 'loop' (one while body) | 'switch' (a branch per depth)
       "rectify": False,  # mask plans: TABM rectification
       "shallow_ckpt": config_dict.placeholder(str),  # DuoDiff shallow model
       "shallow_arch": config_dict.placeholder(str),

@@ -141,7 +141,7 @@ def make_plan(config, model) -> Any:
   from jaxee.exits import ase, duodiff, masks  # pylint: disable=g-import-not-at-top
   if kind == "ase" or spec in ase.ASE_TABLES:
     plan = ase.ase_plan(rest if kind == "ase" else spec, depth=opts.get("depth"),
-                        runner=opts.get("runner") or "switch")
+                        runner=opts.get("runner") or "loop")
     plan.validate(model)
     return plan
   if _plan_file(spec) is not None:

@@ -130,10 +130,10 @@ def _check_every_nfe(model, params, plan, times, compiled):
 def test_switch_runner_equals_reference_and_compiles_to_one_branch_per_depth(family):
   if family == "dit":
     (model, params), times = testing.tiny_dit(), DIT_TIMES
-    plan = ase.ASEPlan((4, 4, 3, 3, 2, 2, 1, 1, 0, 0))
+    plan = ase.ASEPlan((4, 4, 3, 3, 2, 2, 1, 1, 0, 0), runner="switch")
   else:  # 3 out-blocks; the network gets 999 t
     (model, params), times = testing.tiny_uvit(), DIT_TIMES * 0.999
-    plan = ase.ASEPlan((3, 3, 3, 2, 2, 1, 1, 0, 0, 0))
+    plan = ase.ASEPlan((3, 3, 3, 2, 2, 1, 1, 0, 0, 0), runner="switch")
   compiled, hlo = _compiled_net(model, params, plan, times)
   _check_every_nfe(model, params, plan, times, compiled)
   branches = re.findall(r"conditional\(.*branch_computations=\{([^}]*)\}", hlo)
@@ -145,10 +145,11 @@ def test_switch_runner_equals_reference_and_compiles_to_one_branch_per_depth(fam
 def test_loop_runner_equals_reference_and_has_a_runtime_trip_count(family):
   if family == "dit":
     (model, params), times = testing.tiny_dit(), DIT_TIMES
-    plan = ase.ASEPlan((4, 4, 3, 3, 2, 2, 1, 1, 0, 0), runner="loop")
+    plan = ase.ASEPlan((4, 4, 3, 3, 2, 2, 1, 1, 0, 0))  # the default runner
   else:
     (model, params), times = testing.tiny_uvit(), DIT_TIMES * 0.999
-    plan = ase.ASEPlan((3, 3, 3, 2, 2, 1, 1, 0, 0, 0), runner="loop")
+    plan = ase.ASEPlan((3, 3, 3, 2, 2, 1, 1, 0, 0, 0))
+  assert plan.runner == "loop"
   compiled, hlo = _compiled_net(model, params, plan, times)
   _check_every_nfe(model, params, plan, times, compiled)
   assert " while(" in hlo and "conditional(" not in hlo

@@ -12,6 +12,7 @@ import jaxee
 from jaxee import exits
 from jaxee.eval import flops as flops_lib
 from jaxee.exits import ase
+from jaxee.exits import deediff
 from jaxee.exits import duodiff
 from jaxee.exits import mask_tools
 from jaxee.exits import masks
@@ -86,13 +87,15 @@ def test_compile_time_with_a_plan_is_at_most_twice_without():
       "mask": lambda s: (masks.MaskPlan(mask_tools.keep_fraction_mask(s, 4, 0.5)), params),
       "duodiff": lambda s: (duodiff.DuoDiffPlan(shallow, t_switch=300),
                             duodiff.pack_params(params, shallow_p)),
+      "deediff": lambda s: (deediff_plan, params),
   }
+  deediff_plan, _ = deediff.benchmark_plan(model, params, jax.random.PRNGKey(3))
   best = {k: float("inf") for k in variants}
   for steps in (5, 6):
     for name, make in variants.items():
       plan, p = make(steps)
       best[name] = min(best[name], _first_call_seconds(model, p, plan, steps, **kw))
-  for name in ("ase", "mask", "duodiff"):
+  for name in ("ase", "mask", "duodiff", "deediff"):
     assert best[name] <= 2.0 * best["full"], (name, best)
 
 
@@ -101,8 +104,9 @@ def test_plan_specs():
   times = np.linspace(999, 0, 10).astype(np.float32)
   plan, p = testing.plan_from_spec("ase:D3-DiT", model, params, times)
   assert plan.schedule == ase.scale_schedule(ase.ASE_TABLES["D3-DiT"], 28, 4) and p is params
-  plan, _ = testing.plan_from_spec("ase:4,4,3,3,2,2,1,1,1,1:loop", model, params, times)
-  assert plan.runner == "loop" and plan.schedule[4] == 2
+  plan, _ = testing.plan_from_spec("ase:4,4,3,3,2,2,1,1,1,1:switch", model, params, times)
+  assert plan.runner == "switch" and plan.schedule[4] == 2
+  assert testing.plan_from_spec("ase:D7-DiT", model, params, times)[0].runner == "loop"
   plan, p = testing.plan_from_spec("duodiff:300:2", model, params, times)
   assert plan.shallow_model.depth == 2 and set(p) == {"deep", "shallow"}
   plan, _ = testing.plan_from_spec("mask:0.5", model, params, times)

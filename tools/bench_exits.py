@@ -4,7 +4,7 @@
         --batch 8 --json
     python tools/bench_exits.py --arch dit_s_2 --plan ase:D3-DiT,ase:D7-DiT,duodiff:300,mask:0.5
 
-Plan specs (`jaxee.exits.testing.plan_from_spec`): `full`, `ase:D3-DiT[:loop]`,
+Plan specs (`jaxee.exits.testing.plan_from_spec`): `full`, `ase:D3-DiT[:switch]`,
 `duodiff:<t_s>[:<shallow_depth>]`, `mask:<skipped fraction>[:branch]`,
 `deediff:<exit layer at noise>[:<at clean>]`. Params are random (timing does not depend on their
 values; DiT's zero-initialised adaLN is perturbed so no block is an identity).

@@ -242,8 +242,8 @@ def plan_from_spec(spec: str, model: Any, params: Any, nfe_times, rng=None):
 
   Specs:
     'full': the full network (`plan.FullPlan`).
-    'ase:NAME[:loop]': ASE paper table NAME (e.g. 'D3-DiT'), rescaled to the model's depth
-      (`ase.scale_schedule`) when it differs; ':loop' picks the while-loop runner. NAME may also
+    'ase:NAME[:switch]': ASE paper table NAME (e.g. 'D3-DiT'), rescaled to the model's depth
+      (`ase.scale_schedule`) when it differs; ':switch' picks the `lax.switch` runner (default: the loop runner). NAME may also
       be ten comma-separated block counts.
     'duodiff:T_S[:SHALLOW_DEPTH]': DuoDiff with t_switch T_S and a random shallow copy of the
       model with SHALLOW_DEPTH blocks (default 3; U-ViT: `depth` of the shallow U-ViT).
@@ -271,7 +271,7 @@ def plan_from_spec(spec: str, model: Any, params: Any, nfe_times, rng=None):
   if kind == "ase":
     if not parts:
       raise ValueError("ase spec needs a schedule: ase:D3-DiT")
-    runner = parts[1] if len(parts) > 1 else "switch"
+    runner = parts[1] if len(parts) > 1 else "loop"
     if "," in parts[0]:
       return ase_lib.ASEPlan(tuple(int(v) for v in parts[0].split(",")), runner=runner), params
     key = parts[0] if parts[0] in ase_lib.ASE_TABLES else f"{parts[0]}-DiT"

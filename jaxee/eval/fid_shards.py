@@ -1,0 +1,147 @@
+"""FID / Inception Score over the sample shards written by `python -m jaxee.sample`.
+
+    python -m jaxee.eval.fid_shards --samples runs/sample_dit_xl_2_256 \
+        --ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth \
+        [--batch-size 100] [--save-stats runs/sample_dit_xl_2_256/fid_stats.npz] [--json OUT]
+
+The sampling run's `manifest.json` lists every shard with its sample count and SHA-256; the shards
+are checked against it before any network runs (a missing, truncated or modified shard is an
+error naming the file — rerun the sampler, which recomputes exactly that shard), then streamed
+through the FID Inception-v3 (`jaxee.eval.fid.compute_features`, one compiled batch shape, a
+progress bar) so 50,000 images never sit in memory at once. Reference statistics are any `.npz`
+`jaxee.eval.fid.load_reference_stats` reads (pytorch-fid `mu`/`sigma`, ADM reference batches).
+Only `images` shards (uint8 NHWC, written when the sampler decodes) can be scored; latent shards
+are refused with a message.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import sys
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from jaxee.eval import fid as fid_lib
+
+
+class ShardError(ValueError):
+  """A sample directory whose shards do not match its manifest."""
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def check_shards(samples_dir) -> list[tuple[pathlib.Path, int]]:
+  """Verifies every shard of a sampling run against its `manifest.json`.
+
+  Args:
+    samples_dir: the sampler's `out_dir`.
+
+  Returns:
+    [(shard path, count)] in order.
+
+  Raises:
+    FileNotFoundError: no manifest (the run has not finished: rerun it to complete it).
+    ShardError: a shard is missing, has another checksum, or holds latents instead of images.
+  """
+  root = pathlib.Path(samples_dir)
+  manifest_path = root / "manifest.json"
+  if not manifest_path.is_file():
+    raise FileNotFoundError(f"{manifest_path} not found: the sampling run has not finished "
+                            f"(rerun the same `python -m jaxee.sample` command to resume it)")
+  manifest = json.loads(manifest_path.read_text())
+  if manifest.get("kind") not in (None, "images"):
+    raise ShardError(f"{root} holds {manifest.get('kind')!r}, not decoded images; sample with a "
+                     f"VAE (`--config.vae_ckpt=...`) to score FID")
+  out = []
+  for entry in manifest["shards"]:
+    path = root / entry["file"]
+    if not path.is_file():
+      raise ShardError(f"shard {path} listed in the manifest is missing")
+    if _sha256(path) != entry["sha256"]:
+      raise ShardError(f"shard {path} does not match its manifest checksum (modified or "
+                       f"truncated); delete it and rerun the sampler to recompute it")
+    out.append((path, int(entry["count"])))
+  return out
+
+
+def iter_shard_images(shards: list[tuple[pathlib.Path, int]]) -> Iterator[np.ndarray]:
+  """Yields the (count, H, W, C) uint8 image batch of each checked shard, in order."""
+  for path, count in shards:
+    with np.load(path, allow_pickle=False) as z:
+      if "images" not in z.files:
+        raise ShardError(f"shard {path} has no 'images' (keys {sorted(z.files)})")
+      images = z["images"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count:
+      raise ShardError(f"shard {path}: expected ({count}, H, W, C) uint8 images, got "
+                       f"{images.shape} {images.dtype}")
+    yield images
+
+
+def fid_from_shards(samples_dir, ref_path, inception_variables: Any, *, batch_size: int = 100,
+                    progress: bool = True, save_stats: Optional[str] = None) -> dict:
+  """FID (and Inception Score) of a sampling run's shards against reference statistics.
+
+  Args:
+    samples_dir: the sampler's `out_dir` (with `manifest.json` and `shards/`).
+    ref_path: reference statistics `.npz`.
+    inception_variables: from `jaxee.eval.inception_convert.load_inception`.
+    batch_size: Inception batch size.
+    progress: show the progress bar.
+    save_stats: optionally write the samples' `mu`/`sigma` there (pytorch-fid layout).
+
+  Returns:
+    {'fid', 'inception_score', 'inception_score_std', 'num_samples'}.
+  """
+  shards = check_shards(samples_dir)
+  total = sum(c for _, c in shards)
+  feats = fid_lib.compute_features(iter_shard_images(shards), inception_variables, batch_size,
+                                   total=total, progress=progress)
+  mu, sigma = fid_lib.stats_from_features(feats["pool"])
+  ref_mu, ref_sigma = fid_lib.load_reference_stats(ref_path, inception_variables,
+                                                   batch_size=batch_size)
+  if save_stats:
+    fid_lib.save_reference_stats(save_stats, mu, sigma)
+  # The usual 10 splits; fewer for small runs (each split needs at least one sample).
+  score, score_std = fid_lib.inception_score(feats["logits_unbiased"], splits=min(10, total))
+  return {"fid": fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma),
+          "inception_score": float(score), "inception_score_std": float(score_std),
+          "num_samples": int(total)}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--samples", required=True, help="the sampler's out_dir")
+  p.add_argument("--ref", required=True, help="reference statistics .npz")
+  p.add_argument("--inception", required=True,
+                 help="pt_inception-2015-12-05-6726825d.pth (read without torch)")
+  p.add_argument("--batch-size", type=int, default=100)
+  p.add_argument("--save-stats", default=None)
+  p.add_argument("--json", default=None, help="also write the result to this file")
+  args = p.parse_args(argv)
+  from jaxee.eval import inception_convert  # pylint: disable=g-import-not-at-top
+  try:
+    variables = inception_convert.load_inception(args.inception)
+    result = fid_from_shards(args.samples, args.ref, variables, batch_size=args.batch_size,
+                             save_stats=args.save_stats)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  text = json.dumps(result)
+  print(text)
+  if args.json:
+    pathlib.Path(args.json).write_text(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

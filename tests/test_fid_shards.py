@@ -1,0 +1,65 @@
+"""FID over a sampling run's shards (`jaxee.eval.fid_shards`): manifest checks and streaming."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxee import sample_shards
+from jaxee.eval import fid as fid_lib
+from jaxee.eval import fid_shards
+from jaxee.eval.inception_convert import load_inception
+
+
+def _write_run(root, counts, size=8, kind="images", seed=0):
+  rng = np.random.default_rng(seed)
+  (root / "shards").mkdir(parents=True)
+  images = []
+  for k, c in enumerate(counts):
+    x = rng.integers(0, 256, size=(c, size, size, 3), dtype=np.uint8)
+    images.append(x)
+    sample_shards.write_npz(root / "shards" / f"shard_{k:05d}.npz",
+                            {kind: x, "labels": np.zeros(c, np.int32),
+                             "index": np.arange(c, dtype=np.int64)})
+  sample_shards.write_manifest(root, counts, False, kind)
+  return np.concatenate(images)
+
+
+def test_shards_are_checked_and_streamed_in_order(tmp_path):
+  images = _write_run(tmp_path / "run", [3, 3, 2])
+  shards = fid_shards.check_shards(tmp_path / "run")
+  assert [c for _, c in shards] == [3, 3, 2]
+  np.testing.assert_array_equal(np.concatenate(list(fid_shards.iter_shard_images(shards))),
+                                images)
+
+
+def test_bad_runs_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="has not finished"):
+    fid_shards.check_shards(tmp_path)
+  _write_run(tmp_path / "lat", [2], kind="latents")
+  with pytest.raises(fid_shards.ShardError, match="not decoded images"):
+    fid_shards.check_shards(tmp_path / "lat")
+  _write_run(tmp_path / "run", [2, 2])
+  shard = tmp_path / "run" / "shards" / "shard_00001.npz"
+  shard.write_bytes(shard.read_bytes()[:-10])
+  with pytest.raises(fid_shards.ShardError, match="shard_00001.*checksum"):
+    fid_shards.check_shards(tmp_path / "run")
+  shard.unlink()
+  with pytest.raises(fid_shards.ShardError, match="missing"):
+    fid_shards.check_shards(tmp_path / "run")
+
+
+def test_fid_from_shards_equals_fid_of_the_same_images(tmp_path, inception_weights):
+  images = _write_run(tmp_path / "run", [2, 1], size=16)
+  variables = load_inception(inception_weights)
+  ref = tmp_path / "ref.npz"
+  np.savez(ref, arr_0=np.random.default_rng(5).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+  out = fid_shards.fid_from_shards(tmp_path / "run", ref, variables, batch_size=2,
+                                   progress=False, save_stats=str(tmp_path / "stats.npz"))
+  feats = fid_lib.compute_features(images, variables, 2, progress=False)["pool"]
+  mu_ref, sigma_ref = fid_lib.load_reference_stats(ref, variables, batch_size=2)
+  want = fid_lib.frechet_distance(*fid_lib.stats_from_features(feats), mu_ref, sigma_ref)
+  assert out["num_samples"] == 3
+  assert out["fid"] == pytest.approx(want, rel=1e-6)
+  with np.load(tmp_path / "stats.npz") as z:
+    np.testing.assert_allclose(z["mu"], feats.mean(0), rtol=1e-5)
+  assert json.dumps(out)
