@@ -10,7 +10,8 @@ For one backbone and its variants (`jaxee.demo_methods.Variant`):
    between the samples' features and held-out real digits in the feature space of a small
    classifier trained on the real digits (Inception features mean nothing on 8x8 images), the
    classifier's mean confidence and the accuracy of its predictions against the conditioning
-   labels.
+   labels; and, per variant, the paired-bootstrap standard deviation of its FD difference to the
+   full model (`paired_frechet_noise`), which the report uses to call a difference real.
 3. **Exit statistics** (`jaxee.eval.report.exit_summary`): executed blocks per NFE, FLOPs per
    image, layer ratio and the ideal (FLOP) saving.
 4. **Realized speed-up.** All variants are timed in this process, *alternately*: `rounds`
@@ -85,7 +86,7 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
   """
   model = result.model
   x_T, labels = eval_inputs(model, scale.num_eval, seed + 1000)
-  calls, records, samples = {}, {}, {}
+  calls, records, samples, feats = {}, {}, {}, {}
   for variant in result.variants:
     call = make_sampler(model, variant, x_T, labels, scale.sample_steps,
                         scale.arch_value("guidance", result.arch))
@@ -94,7 +95,8 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
     first_s = time.perf_counter() - start
     x = np.clip(np.asarray(x, np.float32), -1.0, 1.0)
     samples[variant.name] = x
-    quality = metric.report(x, np.asarray(labels))
+    feats[variant.name], probs = metric.features_and_probs(x)
+    quality = metric.report_from_outputs(feats[variant.name], probs, np.asarray(labels))
     quality.pop("class_histogram", None)
     exits = report_lib.exit_summary(model, stats)
     records[variant.name] = {"method": variant.method, "quality": quality, "exits": exits,
@@ -103,7 +105,6 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
     log(f"[{result.arch}] {variant.name:16s} FD {quality['frechet']:8.2f}  conf "
         f"{quality['confidence']:.3f}  acc {quality['class_accuracy']:.3f}  layer ratio "
         f"{exits['layer_ratio']:.3f}  ideal saving {exits['ideal_saving']:+.3f}")
-  feats = {name: metric.features_and_probs(x)[0] for name, x in samples.items()}
   pairs = [(name, "full") for name in feats if name != "full"]
   if "ase" in feats and "ase_no_finetune" in feats:
     pairs.append(("ase", "ase_no_finetune"))

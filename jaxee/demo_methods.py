@@ -36,7 +36,7 @@ import dataclasses
 import pathlib
 import resource
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -273,7 +273,7 @@ def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scal
   """
   target = cal["target_ratio"]
   tried = []
-  current = dict(cal)
+  current = cal
   for it in range(scale.deediff_refine_iters + 1):
     measured = measured_exit_ratio(model, params, ee, uem, current["threshold"], scale, seed,
                                    arch)
@@ -289,10 +289,9 @@ def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scal
       break
     current = nxt
   best = min(tried, key=lambda t: abs(t["measured_ratio"] - target))
-  out = dict(cal, threshold=best["threshold"], predicted_ratio=best["predicted_ratio"],
-             calibration_measured_ratio=best["measured_ratio"], refinement=tried)
-  out["open_loop_threshold"] = cal["threshold"]
-  return out
+  return dict(cal, threshold=best["threshold"], predicted_ratio=best["predicted_ratio"],
+              calibration_measured_ratio=best["measured_ratio"], refinement=tried,
+              open_loop_threshold=cal["threshold"])
 
 
 def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) -> ArchResult:

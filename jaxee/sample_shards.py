@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import zipfile
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from absl import logging
 import numpy as np
+
+from jaxee import atomic_io
 
 # Config keys that never change the samples; every other key must match to resume.
 NON_SAMPLE_KEYS = frozenset({"out_dir", "merge", "force", "progress", "multi_device", "grid_nrow"})
@@ -34,26 +34,10 @@ def sample_config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
   return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
-def _atomic_write(path: pathlib.Path, write: Callable[[Any], None]) -> None:
-  """Calls `write(file)` on a temp file beside `path`, fsyncs it and renames it over `path`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def write_json(path: pathlib.Path, obj: Any) -> None:
   """Writes `obj` as indented, key-sorted JSON atomically."""
   data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-  _atomic_write(path, lambda f: f.write(data))
+  atomic_io.atomic_write(path, lambda f: f.write(data))
 
 
 def write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
@@ -65,7 +49,7 @@ def write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
         with zf.open(info, "w", force_zip64=True) as member:
           np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]),
                                     allow_pickle=False)
-  _atomic_write(path, write)
+  atomic_io.atomic_write(path, write)
 
 
 def read_shard(path: pathlib.Path, count: int) -> Optional[dict[str, np.ndarray]]:

@@ -355,7 +355,11 @@ class ClassifierMetric:
       ``heldout_accuracy`` (of the classifier on real data), ``num_samples`` and, when labels are
       given, ``class_accuracy``.
     """
-    feats, probs = self.features_and_probs(samples)
+    return self.report_from_outputs(*self.features_and_probs(samples), labels)
+
+  def report_from_outputs(self, feats: np.ndarray, probs: np.ndarray, labels=None
+                          ) -> dict[str, Any]:
+    """``report`` from already computed ``features_and_probs(samples)`` (no second forward)."""
     pred = probs.argmax(-1)
     out = {
         'frechet': self.frechet_from_features(feats),

@@ -16,7 +16,6 @@ are refused with a message.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pathlib
 import sys
@@ -24,19 +23,12 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from jaxee import sample_shards
 from jaxee.eval import fid as fid_lib
 
 
 class ShardError(ValueError):
   """A sample directory whose shards do not match its manifest."""
-
-
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def check_shards(samples_dir) -> list[tuple[pathlib.Path, int]]:
@@ -66,7 +58,7 @@ def check_shards(samples_dir) -> list[tuple[pathlib.Path, int]]:
     path = root / entry["file"]
     if not path.is_file():
       raise ShardError(f"shard {path} listed in the manifest is missing")
-    if _sha256(path) != entry["sha256"]:
+    if sample_shards.sha256(path) != entry["sha256"]:
       raise ShardError(f"shard {path} does not match its manifest checksum (modified or "
                        f"truncated); delete it and rerun the sampler to recompute it")
     out.append((path, int(entry["count"])))

@@ -19,13 +19,12 @@ file + `os.replace`), as are `write_json` / `write_text`.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from jaxee import atomic_io
 from jaxee.eval import flops as flops_lib
 
 
@@ -70,23 +69,9 @@ def exit_summary(model: Any, stats: dict) -> dict:
   return out
 
 
-def _atomic(path: pathlib.Path, write) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
-
-
 def write_text(path, text: str) -> pathlib.Path:
   """Writes `text` atomically."""
-  return _atomic(pathlib.Path(path), lambda tmp: pathlib.Path(tmp).write_text(text))
+  return atomic_io.atomic_write_text(path, text)
 
 
 def write_json(path, obj: Any) -> pathlib.Path:
@@ -109,7 +94,7 @@ def _pyplot():
 
 def _save(fig, path) -> pathlib.Path:
   plt = _pyplot()
-  out = _atomic(pathlib.Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+  out = atomic_io.atomic_write_via_path(path, lambda tmp: fig.savefig(tmp, format="png"))
   plt.close(fig)
   return out
 

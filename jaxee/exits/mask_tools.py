@@ -23,11 +23,11 @@ mode, ...), written atomically (temporary file in the same directory, then `os.r
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from jaxee import atomic_io
 
 
 def uvit_skip_consumers(num_in_blocks: int) -> dict[int, int]:
@@ -113,18 +113,9 @@ def save_mask_plan(path: str, mask: np.ndarray, metadata: dict[str, Any]) -> Non
     mask: (steps × units) binary mask.
     metadata: JSON-serialisable dict (arch, sampler, steps, unit, cache_mode, ...).
   """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   meta = json.dumps(metadata, sort_keys=True)
-  fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, mask=np.asarray(mask, bool), metadata=np.array(meta))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic_io.atomic_write(path, lambda f: np.savez(f, mask=np.asarray(mask, bool),
+                                                  metadata=np.array(meta)))
 
 
 def load_mask_file(path: str) -> tuple[np.ndarray, dict[str, Any]]:

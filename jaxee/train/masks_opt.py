@@ -54,7 +54,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -64,6 +63,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxee import atomic_io
 from jaxee import sampling
 from jaxee.exits import mask_tools
 from jaxee.exits import masks as masks_lib
@@ -268,20 +268,6 @@ def make_step_fns(model, st: _StepStatics):
   return jax.jit(optimise_step), jax.jit(refresh)
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def _load_progress(path: str, fingerprint: str, shape) -> tuple:
   """(scores, rows_done) from a progress file of the same run, else (None, 0)."""
   if not os.path.exists(path):
@@ -356,8 +342,8 @@ def optimise_masks(model, params, traj: Trajectory, opts: MaskOptOptions, rng, *
     if workdir is not None:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
-      _atomic_savez(progress, scores=scores, rows_done=np.int64(k + 1),
-                    fingerprint=np.array(fingerprint))
+      atomic_io.atomic_write(progress, lambda f: np.savez(
+          f, scores=scores, rows_done=np.int64(k + 1), fingerprint=np.array(fingerprint)))
   mask = scores > opts.threshold
   mask[0] = True
   return {"scores": scores, "mask": mask, "w": w, "delta": traj.delta}

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from jaxee import atomic_io
 from jaxee.train import config_base
 from jaxee.train import optim
 
@@ -236,19 +235,6 @@ class MethodSetup:
     self.host = dict(state)
 
 
-def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "w") -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def _export_weights(workdir, model, params, source: str) -> pathlib.Path:
   from jaxee import convert  # pylint: disable=g-import-not-at-top
   return convert.save_converted(pathlib.Path(workdir) / EXPORT_DIR, model, params,
@@ -303,7 +289,7 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
     path = pathlib.Path(workdir) / ASE_PLAN_FILE
     spec = {"name": plan.name, "schedule": list(plan.schedule), "family": model.family,
             "time_schedule": plan.time_schedule, "speedup": plan.speedup}
-    _atomic_write(path, lambda f: json.dump(spec, f, indent=2))
+    atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
     return str(path)
   setup.exporter = exporter
   return setup
@@ -342,7 +328,7 @@ def _build_deediff(config, model, params, rng) -> MethodSetup:
             for k, v in jax.tree_util.tree_flatten_with_path(weights["deediff"])[0]}
     meta = json.dumps({"threshold": threshold, "uem": uem})
     path = pathlib.Path(workdir) / DEEDIFF_FILE
-    _atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta), **flat), mode="wb")
+    atomic_io.atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta), **flat))
     return str(path)
 
   return MethodSetup("deediff", model, train_params, loss_fn,
@@ -408,7 +394,7 @@ def _build_duodiff(config, model, params, rng) -> MethodSetup:
     spec = {"t_switch": t_switch, "rule": rule,
             "shallow_layers": int(_get(d, "shallow_layers", 3)),
             "deep_model": models.model_config(model)}
-    _atomic_write(path, lambda f: json.dump(spec, f, indent=2))
+    atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
     return str(path)
 
   return MethodSetup("duodiff", shallow, shallow_params, loss_fn, (), exporter=exporter)

@@ -44,6 +44,7 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxee import atomic_io
 from jaxee.train import checkpoint as ckpt_lib
 from jaxee.train import config_base
 from jaxee.train import optim
@@ -62,13 +63,6 @@ class NonFiniteLossError(FloatingPointError):
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and `os.replace`."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,7 +93,7 @@ class MetricWriter:
           continue
         if int(record.get("step", 0)) <= start_step:
           kept.append(line)
-      atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+      atomic_io.atomic_write_text(self.path, "".join(l + "\n" for l in kept))
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -374,7 +368,7 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
                lo + loader.local_batch_size, loader.global_batch_size,
                ",".join(str(int(i)) for i in first))
   if main:
-    atomic_write_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
+    atomic_io.atomic_write_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
   ps = step_lib.make_train_step(t.parallel, loss_fn=setup.loss_fn, tx=tx,
                                 ema_decay=float(t.ema_decay),
