@@ -1,10 +1,17 @@
 """The exit-plan protocol: what runs at each network evaluation, bound to a model and params.
 
-`shared/DESIGN.md` ("Plans" and "Runners") and `docs/ARCHITECTURE.md`: a plan is a small host-side
-dataclass; `plan.bind(model, params, nfe_times)` compiles it against the times the network will
-receive (one float32 per NFE, in NFE order, from the sampler's host twin `nfe_times`) into a
-`BoundPlan` whose `net(x, t_net, y, nfe_index, cache) -> (out, cache, stats)` is jittable and
-does the real skipping with scalar-predicate control flow. `stats` always has
+`shared/DESIGN.md` ("Plans" and "Runners") and `docs/ARCHITECTURE.md`: a plan is a **pytree**
+(`pytree_plan`): its arrays — masks, depth tables, θ, head/UEM params, a shallow model's params —
+are leaves, passed into the jitted sampler as traced arguments; only its structure (unit
+granularity, runner kind, models) is static. A new plan object of the same structure, a new θ or
+a new mask never recompiles, and nothing in jaxee keeps a plan alive after the call.
+
+`plan.bind(model, params, nfe_times)` (called inside the trace, leaves possibly traced) compiles it
+against the times the network will receive (one float32 per NFE, in NFE order, from
+`jaxee.sampling.nfe_times`) into a `BoundPlan` whose `net(x, t_net, y, nfe_index, cache) -> (out,
+cache, stats)` does the real skipping with scalar-predicate control flow, written against the
+backbone contract (`jaxee/models/backbone.py`). `plan.check(model, nfe_times)` validates a
+concrete plan on the host before tracing. `stats` always has
 
 * `blocks`: mean number of transformer blocks executed per sample in this call;
 * `flops`: FLOPs executed per sample in this call (embedding + blocks + head + plan extras),
@@ -16,15 +23,66 @@ Time is mapped to τ ∈ [0, 1] (τ → 1 is noise) with `model_time_to_unit`, w
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxee.eval import flops as flops_lib
+from jaxee.models.backbone import as_backbone
 
 Net = Callable[..., tuple[jax.Array, Any, dict]]
+
+
+def pytree_plan(data: Sequence[str] = (), static: Sequence[str] = ()):
+  """Class decorator: a frozen dataclass registered as a pytree with `data` fields as leaves.
+
+  `static` fields are part of the tree structure (they must be hashable: two plans with equal
+  static fields and leaf shapes share one compiled program); any other field (free-form
+  metadata) is dropped when the plan is flattened, so it never causes a recompile. Unflattening
+  bypasses `__init__`/`__post_init__`, whose validation is for concrete host values only.
+  """
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = (set(data) | set(static)) - names
+    if unknown:
+      raise TypeError(f"{cls.__name__}: no field(s) {sorted(unknown)}")
+
+    def flatten(plan):
+      return [getattr(plan, n) for n in data], tuple(getattr(plan, n) for n in static)
+
+    def unflatten(aux, children):
+      obj = object.__new__(cls)
+      values = dict(zip(static, aux))
+      values.update(zip(data, children))
+      for f in fields:
+        if f.name in values:
+          v = values[f.name]
+        elif f.default is not dataclasses.MISSING:
+          v = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+          v = f.default_factory()  # type: ignore[misc]
+        else:
+          v = None
+        object.__setattr__(obj, f.name, v)
+      return obj
+
+    jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+    cls.data_fields, cls.static_fields = tuple(data), tuple(static)
+    return cls
+  return wrap
+
+
+def is_traced(tree: Any) -> bool:
+  """True when any leaf of `tree` is a tracer (the plan is being bound inside a trace)."""
+  return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
+
+
+def host_info(tree: Any, build: Callable[[], dict]) -> Optional[dict]:
+  """`build()` when `tree` is concrete (host-side facts for tools), None inside a trace."""
+  return None if is_traced(tree) else build()
 
 # Divisor that turns the network time into τ, per time convention (ee_methods §1.6).
 _TIME_SCALE = {"linear_discrete": 1000.0, "sd_discrete": 1000.0, "vp_continuous": 999.0}
@@ -63,7 +121,7 @@ class BoundPlan(NamedTuple):
       doubling); `()` when the plan keeps no cache.
     info: host-side facts: `blocks_per_nfe` and `flops_per_nfe` (np arrays, exact for static
       plans, upper bounds for dynamic ones), `full_flops` (per sample per NFE), `ideal_saving`,
-      plus plan-specific entries.
+      plus plan-specific entries; None when the plan was bound inside a trace (`host_info`).
   """
   net: Net
   init_cache: Callable[..., Any]
@@ -76,15 +134,15 @@ def no_cache(x_batch=None, y=None):
   return ()
 
 
-def stats_from_tables(nfe_index, blocks: np.ndarray, flops: np.ndarray) -> dict:
-  """Per-call stats read from host tables indexed by the NFE index."""
+def stats_from_tables(nfe_index, blocks, flops) -> dict:
+  """Per-call stats read from per-NFE tables (host or traced) indexed by the NFE index."""
   return {"blocks": jnp.asarray(blocks, jnp.float32)[nfe_index],
           "flops": jnp.asarray(flops, jnp.float32)[nfe_index]}
 
 
 def make_info(model: Any, blocks_per_nfe, flops_per_nfe, **extra) -> dict:
   """The `BoundPlan.info` dict, with `ideal_saving` = 1 − mean(plan FLOPs) / full FLOPs."""
-  full = flops_lib.backbone_flops(model)
+  full = as_backbone(model).full_flops
   flops_per_nfe = np.asarray(flops_per_nfe, np.float64)
   info = {
       "blocks_per_nfe": np.asarray(blocks_per_nfe, np.float64),
@@ -113,10 +171,13 @@ def full_forward(model: Any, params: Any) -> Callable:
   return f
 
 
-@dataclasses.dataclass(frozen=True)
+@pytree_plan(static=("name",))
 class FullPlan:
   """Runs every block at every NFE (the baseline)."""
   name: str = "full"
+
+  def check(self, model: Any, nfe_times) -> None:
+    check_nfe_times(nfe_times)
 
   def bind(self, model: Any, params: Any, nfe_times) -> BoundPlan:
     """Binds the full forward.
@@ -131,8 +192,9 @@ class FullPlan:
     """
     times = check_nfe_times(nfe_times)
     n = len(times)
-    blocks = np.full(n, flops_lib.num_blocks(model), np.float64)
-    flops = np.full(n, flops_lib.backbone_flops(model))
+    bb = as_backbone(model)
+    blocks = np.full(n, bb.num_blocks, np.float64)
+    flops = np.full(n, bb.full_flops)
     forward = full_forward(model, params)
 
     def net(x, t_net, y, nfe_index, cache):

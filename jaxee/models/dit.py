@@ -13,7 +13,6 @@ blocks can be run by the exit runners (`jaxee/exits/`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -144,6 +143,11 @@ class DiT(nn.Module):
   @property
   def num_tokens(self) -> int:
     return (self.input_size // self.patch_size) ** 2
+
+  def backbone(self, granularity: str = "block"):
+    """This model behind the unit contract (`jaxee.models.backbone`, `dit_units.DiTBackbone`)."""
+    from jaxee.models import dit_units  # pylint: disable=g-import-not-at-top
+    return dit_units.DiTBackbone(self, granularity)
 
   def block_module(self) -> DiTBlock:
     """An unbound block module: `block_module().apply({'params': p_i}, tokens, c)`."""

@@ -108,6 +108,11 @@ class UViT(nn.Module):
   def num_in_blocks(self) -> int:
     return self.depth // 2
 
+  def backbone(self, granularity: str = "block"):
+    """This model behind the unit contract (`jaxee.models.backbone`, `uvit_units.UViTBackbone`)."""
+    from jaxee.models import uvit_units  # pylint: disable=g-import-not-at-top
+    return uvit_units.UViTBackbone(self, granularity)
+
   def block_module(self, skip: bool) -> UViTBlock:
     """An unbound block: `block_module(skip).apply({'params': p_i}, x[, skip])`."""
     return UViTBlock(self.embed_dim, self.num_heads, self.mlp_ratio, self.qkv_bias, skip,
