@@ -17,30 +17,16 @@ Args (`:arg`, comma-separated): a schedule name D2 | D3 (default) | D4 | D7; `ru
 DiT of depth 4 with the schedule rescaled to it, 3 steps on 8x8 digits); `lambda_mode=cycle`
 (plateau | cycle | constant); `parallel=pmap`; `steps=N`.
 """
-import importlib.util
-import pathlib
-import sys
-
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 
-def _common():
-  """`configs/common.py`, loaded by path (the config files are not a package)."""
-  name = "jaxee_configs_common"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 SCHEDULES = ("D2", "D3", "D4", "D7")
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """ASE DiT-XL/2 ImageNet-256 for one schedule; see the module docstring for `arg`."""
-  common = _common()
   args = common.parse(arg, {"schedule": SCHEDULES}, schedule="D3", runlocal=False,
                       lambda_mode="plateau", parallel="shard_map", steps=0)
   c = common.base("ase")

@@ -14,30 +14,16 @@ steps is not given by the sources (jaxee uses 50k).
 Args: D1 | D2 | D3 (default) | D6; `runlocal` (tiny U-ViT with 2 out-blocks, schedule
 rescaled); `lambda_mode=...`; `parallel=...`; `steps=N`.
 """
-import importlib.util
-import pathlib
-import sys
-
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 
-def _common():
-  """`configs/common.py`, loaded by path (the config files are not a package)."""
-  name = "jaxee_configs_common"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 SCHEDULES = ("D1", "D2", "D3", "D6")
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """ASE U-ViT CelebA 64 for one schedule; see the module docstring for `arg`."""
-  common = _common()
   args = common.parse(arg, {"schedule": SCHEDULES}, schedule="D3", runlocal=False,
                       lambda_mode="plateau", parallel="shard_map", steps=0)
   c = common.base("ase")

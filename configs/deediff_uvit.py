@@ -18,23 +18,10 @@ Args: cifar10 (default) | celeba | imagenet256; `threshold=θ` (default per data
 `variant=public` (the public code's summed, undetached reductions); `joint` (train the backbone
 too); `runlocal`; `parallel=...`; `steps=N`.
 """
-import importlib.util
-import pathlib
-import sys
-
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 
-def _common():
-  """`configs/common.py`, loaded by path (the config files are not a package)."""
-  name = "jaxee_configs_common"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 DATASETS = ("cifar10", "celeba", "imagenet256")
 THRESHOLDS = {"cifar10": 0.075, "celeba": 0.08, "imagenet256": 0.07}
@@ -43,7 +30,6 @@ STEPS = {"cifar10": 100_000, "celeba": 100_000, "imagenet256": 150_000}
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """DeeDiff U-ViT for one dataset; see the module docstring for `arg`."""
-  common = _common()
   args = common.parse(arg, {"dataset": DATASETS}, dataset="cifar10", variant="paper",
                       threshold=-1.0, joint=False, runlocal=False, parallel="shard_map",
                       steps=0)

@@ -16,30 +16,16 @@ The export (`WORKDIR/export` + `duodiff.json`) gives `exits.duodiff.DuoDiffPlan`
 Args: cifar10 (default) | celeba | imagenet64 | imagenet256; `t_switch=300`; `layers=3`;
 `init=scratch|deep`; `runlocal`; `parallel=...`; `steps=N`.
 """
-import importlib.util
-import pathlib
-import sys
-
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 
-def _common():
-  """`configs/common.py`, loaded by path (the config files are not a package)."""
-  name = "jaxee_configs_common"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 DATASETS = ("cifar10", "celeba", "imagenet64", "imagenet256")
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """DuoDiff shallow-backbone training for one dataset; see the module docstring for `arg`."""
-  common = _common()
   args = common.parse(arg, {"dataset": DATASETS}, dataset="cifar10", t_switch=300.0, layers=3,
                       init="scratch", runlocal=False, parallel="shard_map", steps=0)
   c = common.base("duodiff")

@@ -14,28 +14,13 @@ block-output caching, binarise at 0.5, rectify (U-ViT skip consumers respected),
 
 Args: `steps=100`; `runlocal` (tiny random U-ViT, DDPM-4); `samples=N`; `iters=N`.
 """
-import importlib.util
-import pathlib
-import sys
-
 from ml_collections import config_dict
 
-
-def _common():
-  """`configs/common.py`, loaded by path (the config files are not a package)."""
-  name = "jaxee_configs_common"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+from jaxee import configs_common as common
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """TABM masks for the DDPM CIFAR-10 U-ViT; see the module docstring."""
-  common = _common()
   args = common.parse(arg, steps=100, runlocal=False, samples=32, iters=200)
   c = common.base("masks")
   backbone = common.DUODIFF_BACKBONES["cifar10"]

@@ -17,30 +17,16 @@ w(t) table (0.1/0.5 → 2.0/1.5/1.0) and θ = 0.5 are the paper's.
 Args: ddim50 (default) | ddim100; `runlocal` (tiny random DiT, DDIM-4, 2 trajectories);
 `samples=N`; `iters=N`.
 """
-import importlib.util
-import pathlib
-import sys
-
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 
-def _common():
-  """`configs/common.py`, loaded by path (the config files are not a package)."""
-  name = "jaxee_configs_common"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
 
 SETTINGS = {"ddim50": 50, "ddim100": 100}
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """TABM masks for DiT-XL/2 256 and one DDIM step count; see the module docstring."""
-  common = _common()
   args = common.parse(arg, {"setting": tuple(SETTINGS)}, setting="ddim50", runlocal=False,
                       samples=16, iters=200)
   c = common.base("masks")

@@ -22,60 +22,16 @@ table; `--config.plan_options.depth=N` rescales it to N blocks), `mask:PATH` (a 
 """
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 from jaxee import sample_main
 
 DIT_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
                 num_classes=10)
 
 
-def base_config() -> config_dict.ConfigDict:
-  """Fields shared by every sampling config (values are DiT-XL/2-256 FID-50K)."""
-  c = config_dict.ConfigDict()
-  c.ckpt = "SET_ME: converted dir or DiT-XL-2-256x256.pt"
-  c.arch = "dit_xl_2"
-  c.model_overrides = config_dict.ConfigDict({"input_size": 32, "num_classes": 1000})
-  c.vae_ckpt = config_dict.placeholder(str)
-  c.vae_ckpt = "SET_ME: converted dir or sd-vae-ft-ema diffusion_pytorch_model.bin"
-  c.vae_kind = "auto"  # layout of a torch VAE file: 'auto' | 'compvis' | 'diffusers'
-  c.sampler = "ddpm"
-  c.steps = 250
-  c.schedule = config_dict.placeholder(str)  # None: the model family's default
-  c.guidance = config_dict.placeholder(float)
-  c.guidance = 1.5
-  c.labels = "random"
-  c.num_samples = 50_000
-  c.batch_size = 32
-  c.shard_size = 1000
-  c.seed = 0
-  c.plan = config_dict.placeholder(str)
-  c.plan_options = config_dict.ConfigDict({
-      "depth": config_dict.placeholder(int),  # ASE: rescale the table to this depth
-      "runner": "loop",  # ASE runner: 'loop' (one while body) | 'switch' (a branch per depth)
-      "rectify": False,  # mask plans: TABM rectification
-      "shallow_ckpt": config_dict.placeholder(str),  # DuoDiff shallow model
-      "shallow_arch": config_dict.placeholder(str),
-      "shallow_depth": config_dict.placeholder(int),
-      "t_switch": 300.0,
-      "rule": "threshold",  # DuoDiff: 'threshold' (DDPM loop) | 'lagged' (DDIM loop)
-      "heads": config_dict.placeholder(str),  # DeeDiff: workdir or deediff_heads.npz
-      "threshold": config_dict.placeholder(float),  # DeeDiff θ (default: the file's)
-      "mode": "batched",  # DeeDiff runner: 'batched' (real exit) | 'exact' (reference)
-      "min_fraction": 1.0,  # DeeDiff batched: stop once this fraction has exited
-  })
-  c.sampler_options = config_dict.ConfigDict()
-  c.uint8 = "dit_fid"
-  c.out_dir = "runs/sample_dit_xl_2_256"
-  c.merge = False
-  c.force = False
-  c.progress = True
-  c.multi_device = True
-  c.grid_nrow = 8
-  return c
-
-
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """The DiT sampling config; `arg` is '' (DiT-XL/2-256 FID-50K) or 'runlocal'."""
-  c = base_config()
+  c = common.sample_base_config()
   if arg == "runlocal":
     c.ckpt = "tests/fixtures/dit_tiny.pt"
     c.arch = "dit"

@@ -14,29 +14,18 @@ Args (`:arg`):
   runlocal: the tiny official fixture `tests/fixtures/uvit_tiny_cond.pt` (8×8×4, 11 label rows
     with row 10 the null class), no VAE, DPM-Solver with 10 steps, 12 samples in 3 shards of 4.
 """
-import importlib.util
-import pathlib
-
 from ml_collections import config_dict
 
+from jaxee import configs_common as common
 from jaxee import sample_main
 
 UVIT_TINY_COND = dict(img_size=8, patch_size=2, in_chans=4, embed_dim=64, depth=4, num_heads=4,
                       num_classes=11, cfg_null_class=10)
 
 
-def _base_config() -> config_dict.ConfigDict:
-  """The shared field set, from `configs/sample_dit.py` (one definition of the schema)."""
-  path = pathlib.Path(__file__).with_name("sample_dit.py")
-  spec = importlib.util.spec_from_file_location("_sample_dit_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
-
-
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """The U-ViT sampling config; `arg` is '' (H/2 ImageNet256), 'celeba' or 'runlocal'."""
-  c = _base_config()
+  c = common.sample_base_config()
   c.arch = "uvit_h2_imagenet256"
   c.model_overrides = config_dict.ConfigDict()
   c.ckpt = "SET_ME: converted dir or imagenet256_uvit_huge.pth"

@@ -20,14 +20,13 @@ Args (`:arg`, comma-separated):
 """
 from ml_collections import config_dict
 
-from jaxee.train import config_base
+from jaxee import configs_common as common
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
   """The baseline config; see the module docstring for `arg`."""
-  args = config_base.parse_arg(arg, runlocal=False, parallel="shard_map", steps=0)
-  c = config_base.base_config()
-  c.method = "baseline"
+  args = common.parse_arg(arg, runlocal=False, parallel="shard_map", steps=0)
+  c = common.base("baseline")
   c.model.arch = "dit"
   c.model.overrides = config_dict.ConfigDict(dict(
       input_size=16, patch_size=2, in_channels=1, hidden_size=256, depth=8, num_heads=4,
@@ -42,7 +41,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.train.ckpt_every = 2_500
   c.train.ema_decay = 0.9999
   if args.runlocal:
-    config_base.tiny_runlocal(c)
+    common.tiny_runlocal(c)
   c.train.parallel = args.parallel
   if args.steps:
     c.train.num_steps = args.steps

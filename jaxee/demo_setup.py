@@ -178,7 +178,8 @@ def stage_config(method: str, arch: str, scale: DemoScale, seed: int, *, num_ste
   c.train.progress = False
   c.train.tensorboard = False
   if section is not None:
-    c[method] = config_dict.ConfigDict(section)
+    c[method] = (config_base.method_section(method, **section)
+                 if method in config_base.SECTIONS else config_dict.ConfigDict(section))
   return c
 
 

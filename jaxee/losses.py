@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxee.diffusion import gaussian
 from jaxee.diffusion import schedules as schedules_lib
+from jaxee.models.backbone import as_backbone
 
 Forward = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 LossFn = Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
@@ -184,6 +185,10 @@ def make_ase_loss(model, plan, *, boost: float = 2.0, lambda_mode: str = "cycle"
     schedule: training schedule (default from the model).
     label_dropout: CFG label dropout.
 
+  The keyword defaults serve direct calls only: a training run (`jaxee.train.methods`) passes
+  every argument from `config.ase`, whose fields and defaults are defined once in
+  `jaxee.train.config_base.ase_section` (there `lambda_mode='plateau'`).
+
   Returns:
     The objective; metrics include `weight_mean` (mean λ of the batch) and `ase_boost`
     (1 while boosted).
@@ -277,37 +282,20 @@ def make_duodiff_loss(shallow_model, *, schedule=None,
 def shallow_depth(deep_model, num_layers: int) -> int:
   """The `depth` constructor value of a shallow copy with `num_layers` transformer blocks.
 
-  DuoDiff counts U-ViT layers as in-blocks + mid + out-blocks ("3 layers" = 1 + 1 + 1, §3.1),
-  which is `depth = num_layers − 1` in U-ViT's constructor; a DiT has `depth = num_layers`.
+  The backbone decides (`Backbone.shallow_depth`): DuoDiff counts U-ViT layers as in-blocks +
+  mid + out-blocks ("3 layers" = 1 + 1 + 1, §3.1), i.e. `depth = num_layers − 1`; a DiT has
+  `depth = num_layers`.
   """
-  if deep_model.family == "dit":
-    if not 1 <= num_layers <= deep_model.depth:
-      raise ValueError(f"a shallow DiT needs 1..{deep_model.depth} layers, got {num_layers}")
-    return num_layers
-  full = 2 * deep_model.num_in_blocks + 1
-  if num_layers < 3 or num_layers % 2 == 0 or num_layers > full:
-    raise ValueError(f"a shallow U-ViT has an odd number of layers in 3..{full} "
-                     f"(in-blocks + mid + out-blocks), got {num_layers}")
-  return num_layers - 1
+  return as_backbone(deep_model).shallow_depth(num_layers)
 
 
 def init_shallow_from_deep(deep_params: Any, deep_model, shallow_model) -> Any:
   """Initialises a shallow backbone from the deep one's embeddings, head and first blocks.
 
-  DiT: `blocks[:depth]`; U-ViT: the first in-blocks, the mid block, and the LAST out-blocks
-  (those that consume the kept in-blocks' skips, LIFO), everything else copied as is.
+  The backbone decides which blocks (`Backbone.shallow_params`): DiT `blocks[:depth]`; U-ViT the
+  first in-blocks, the mid block and the LAST out-blocks (those that consume the kept
+  in-blocks' skips, LIFO); everything else is copied as is.
   """
-  if deep_model.family != shallow_model.family:
+  if type(deep_model) is not type(shallow_model):
     raise ValueError("shallow and deep backbones must be the same family")
-  out = dict(deep_params)
-  if deep_model.family == "dit":
-    if shallow_model.depth > deep_model.depth:
-      raise ValueError(f"shallow depth {shallow_model.depth} > deep depth {deep_model.depth}")
-    out["blocks"] = jax.tree.map(lambda a: a[:shallow_model.depth], deep_params["blocks"])
-    return out
-  n = shallow_model.num_in_blocks
-  if n > deep_model.num_in_blocks:
-    raise ValueError(f"shallow U-ViT has {n} in-blocks, the deep one {deep_model.num_in_blocks}")
-  out["in_blocks"] = jax.tree.map(lambda a: a[:n], deep_params["in_blocks"])
-  out["out_blocks"] = jax.tree.map(lambda a: a[a.shape[0] - n:], deep_params["out_blocks"])
-  return out
+  return as_backbone(deep_model).shallow_params(deep_params, shallow_model)

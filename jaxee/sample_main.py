@@ -50,9 +50,8 @@ __all__ = ["ConfigMismatchError", "ShardSampler", "load_backbone", "load_vae", "
 
 SAMPLERS = samplers_lib.SAMPLERS
 # The schedule each sampler integrates (`jaxee/diffusion/samplers.py`).
-SAMPLER_SCHEDULES = {"ddpm": "linear_discrete", "ddim": "linear_discrete",
-                     "euler_maruyama": "vp_continuous", "euler_ode": "vp_continuous",
-                     "dpm_solver": "vp_continuous", "dpm_solver_pp": "sd_discrete"}
+# The schedule kind each sampler runs on (one source: the sampler registry).
+SAMPLER_SCHEDULES = {n: samplers_lib.get_sampler(n).schedule for n in SAMPLERS}
 VAE_KINDS = ("auto", "compvis", "diffusers")
 UINT8_CONVENTIONS = ("dit_fid", "save_image")
 PLACEHOLDER = "SET_ME"
@@ -102,8 +101,8 @@ def validate_config(config) -> None:
       problems.append(f"labels list must be non-empty and >= 0, got {config.labels!r}")
   except ValueError as e:
     problems.append(str(e))
-  options = sampling_lib._SAMPLER_OPTIONS  # pylint: disable=protected-access
-  allowed = options.get(config.sampler, ())
+  allowed = (samplers_lib.get_sampler(config.sampler).options
+             if config.sampler in SAMPLERS else ())
   unknown = sorted(set(dict(config.get("sampler_options") or {})) - set(allowed))
   if unknown and config.sampler in SAMPLERS:
     problems.append(f"sampler {config.sampler!r} takes no option(s) {unknown}; it takes {allowed}")
@@ -113,66 +112,38 @@ def validate_config(config) -> None:
     raise ValueError("invalid sampling config:\n  " + "\n  ".join(problems))
 
 
-def _plan_file(spec: str) -> Optional[str]:
-  """The mask-plan file of a `'mask:PATH'` or `'PATH.npz'` spec, else None."""
-  kind, _, rest = spec.partition(":")
-  if kind == "mask":
-    return rest
-  return spec if spec.endswith(".npz") and kind not in ("deediff", "duodiff", "ase") else None
+def make_plan(config, model, params=None) -> Any:
+  """The exit plan for `config.plan` in the one spec language (`jaxee.exits.spec`; None: full).
 
-
-def make_plan(config, model) -> Any:
-  """The exit plan for `config.plan`, built with the `jaxee.exits` constructors (None: full net).
-
-  Specs: None/'none'/'full'; `'ase:D3-DiT'` or a bare ASE table name (`plan_options.depth`
-  rescales it, `plan_options.runner` picks the runner); `'mask:PATH'` or `'PATH.npz'` (a file from
-  `MaskPlan.save`; `plan_options.rectify` applies TABM rectification); `'duodiff'` or
-  `'duodiff:T_SWITCH'` (the shallow model from `plan_options.shallow_ckpt`: a converted dir, or
+  Specs: none/full; `ase:TABLE|COUNTS[:switch]` or a bare ASE table name (`plan_options.depth`
+  rescales it, `plan_options.runner` picks the runner); `mask:PATH`, `file:PATH` or `PATH.npz`
+  (a saved plan; `plan_options.rectify` applies TABM rectification); `mask:skip=F[:branch]`;
+  `duodiff[:T_SWITCH]` (the shallow model from `plan_options.shallow_ckpt`: a converted dir, or
   a torch file of `shallow_arch` (default `arch`) with `model_overrides` and depth
-  `shallow_depth`; rule `plan_options.rule`); `'deediff:WORKDIR'` (heads/UEMs of a DeeDiff
+  `shallow_depth`; rule `plan_options.rule`); `deediff:WORKDIR` (heads/UEMs of a DeeDiff
   training run, its workdir or `deediff_heads.npz`; θ from the file unless
-  `plan_options.threshold`; `plan_options.mode` batched|exact, `plan_options.min_fraction`).
+  `plan_options.threshold`; `plan_options.mode` batched|exact, `plan_options.min_fraction`);
+  several joined with '+' compose (`jaxee.exits.compose`).
   """
+  from jaxee.exits import spec as spec_lib  # pylint: disable=g-import-not-at-top
   spec = config.get("plan")
-  if spec is None or str(spec).strip().lower() in ("", "none", "full"):
-    return None
-  spec, opts = str(spec).strip(), dict(config.get("plan_options") or {})
-  kind, _, rest = spec.partition(":")
-  from jaxee.exits import ase, duodiff, masks  # pylint: disable=g-import-not-at-top
-  if kind == "ase" or spec in ase.ASE_TABLES:
-    plan = ase.ase_plan(rest if kind == "ase" else spec, depth=opts.get("depth"),
-                        runner=opts.get("runner") or "loop")
-    plan.validate(model)
-    return plan
-  if _plan_file(spec) is not None:
-    plan = masks.load_mask_plan(str(_check_path(_plan_file(spec), "plan")))
-    return plan.rectified(model) if opts.get("rectify") else plan
-  if kind == "duodiff":
+  opts = dict(config.get("plan_options") or {})
+
+  def load_shallow(arg):
     overrides = dict(config.get("model_overrides") or {})
     if opts.get("shallow_depth"):
       overrides["depth"] = int(opts["shallow_depth"])
-    shallow, shallow_params = _load_model(opts.get("shallow_ckpt"),
-                                          opts.get("shallow_arch") or config.get("arch"),
-                                          overrides, "plan_options.shallow_ckpt")
-    try:
-      t_switch = float(rest or opts.get("t_switch") or 300.0)
-    except ValueError:
-      raise ValueError(f"plan {spec!r}: T_SWITCH must be a number of steps") from None
-    return duodiff.DuoDiffPlan(shallow, shallow_params, t_switch=t_switch,
-                               rule=opts.get("rule") or "threshold")
-  if kind == "deediff":
-    from jaxee.exits import deediff  # pylint: disable=g-import-not-at-top
-    from jaxee.train import methods  # pylint: disable=g-import-not-at-top
-    ee, meta = methods.load_deediff_heads(_check_path(rest or opts.get("heads"),
-                                                      "plan_options.heads"))
-    threshold = opts.get("threshold")
-    return deediff.DeeDiffPlan(
-        ee, threshold=float(meta["threshold"] if threshold is None else threshold),
-        mode=opts.get("mode") or "batched", min_fraction=float(opts.get("min_fraction") or 1.0),
-        uem=meta.get("uem", "token_mean"))
-  raise ValueError(f"unknown plan spec {spec!r}: use None/'full', 'ase:NAME' (one of "
-                   f"{sorted(ase.ASE_TABLES)}), 'mask:PATH', 'PATH.npz', 'duodiff[:T_SWITCH]' or "
-                   f"'deediff:WORKDIR'")
+    return _load_model(arg or opts.get("shallow_ckpt"),
+                       opts.get("shallow_arch") or config.get("arch"), overrides,
+                       "plan_options.shallow_ckpt")
+
+  times = None
+  if model is not None and spec and ("skip=" in str(spec) or "keep=" in str(spec)):
+    times = sampling_lib.nfe_times(model, config.sampler, int(config.steps),
+                                   config.get("schedule") or None,
+                                   **dict(config.get("sampler_options") or {}))
+  return spec_lib.parse_plan(spec, model, params=params, nfe_times=times, options=opts,
+                             load_shallow=load_shallow)
 
 
 def _check_path(path: str, what: str) -> pathlib.Path:
@@ -284,11 +255,10 @@ class ShardSampler:
     """
     if self.plan is None:
       return {}
-    schedule = sampling_lib.default_schedule(self.model, self.config.sampler,
-                                             int(self.config.steps), self.schedule)
-    kwargs = sampling_lib._sampler_kwargs(  # pylint: disable=protected-access
-        self.config.sampler, int(self.config.steps), schedule, self.options)
-    nfe_times = samplers_lib.get_sampler(self.config.sampler).nfe_times(schedule, **kwargs)
+    nfe_times = sampling_lib.nfe_times(self.model, self.config.sampler, int(self.config.steps),
+                                       self.schedule, **self.options)
+    if hasattr(self.plan, "check"):
+      self.plan.check(self.model, nfe_times)
     return dict(getattr(self.plan.bind(self.model, params, nfe_times), "info", None) or {})
 
   def _replicate(self, tree):
@@ -405,14 +375,15 @@ def run_sampling(config, *, on_shard: Optional[Callable[[int, dict], None]] = No
   """
   validate_config(config)
   saved = json.loads(config.to_json_best_effort())
-  plan_file = _plan_file(str(config.get("plan") or ""))
-  if plan_file is not None and pathlib.Path(plan_file).is_file():
-    saved["plan_file_sha256"] = sample_shards.sha256(pathlib.Path(plan_file))
+  from jaxee.exits import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  plan_files = [p for p in spec_lib.referenced_files(config.get("plan")) if p.is_file()]
+  if plan_files:
+    saved["plan_file_sha256"] = sample_shards.sha256(plan_files[0])
   out = pathlib.Path(config.out_dir).expanduser().absolute()
   sample_shards.prepare_out_dir(out, saved, bool(config.get("force", False)))
   model, params = load_backbone(config)
   vae, vae_params = load_vae(config)
-  sampler = ShardSampler(config, model, params, vae, vae_params, make_plan(config, model))
+  sampler = ShardSampler(config, model, params, vae, vae_params, make_plan(config, model, params))
   counts = shard_counts(int(config.num_samples), int(config.shard_size))
   timer, n_done, n_skipped, config_written = [], 0, 0, False
   grid_path = out / "grid.png"

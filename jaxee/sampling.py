@@ -1,16 +1,20 @@
-"""`jaxee.sample`: one call that samples a DiT or U-ViT with any sampler, guidance and exit plan.
+"""`jaxee.sample`: the one front door — any backbone, sampler, guidance and exit plan.
 
     samples = jaxee.sample(model, params, rng, num=8, sampler='ddim', steps=50, labels=y,
                            guidance=1.5, plan=None)
+    times = jaxee.sampling.nfe_times(model, 'ddim', 50)    # what the network receives, per NFE
 
-The sampler runs as one jitted `lax.scan` (`jaxee/diffusion/`); the exit plan (`jaxee/exits/`)
-is bound to the model and params inside the same trace and decides what runs at each network
-evaluation. The function is compiled once per (model, sampler, steps, schedule, plan, guidance
-on/off, shapes) and cached; params, the key, the start noise, the labels and the guidance scale
-are traced arguments, so new values never recompile.
+The sampler runs as one jitted `lax.scan` (`jaxee/diffusion/`); the exit plan (`jaxee/exits/`) is
+a pytree passed to the jitted function as a traced argument and bound to the model and params
+inside the same trace, where it decides what runs at each network evaluation. One program is
+compiled per (model, sampler, steps, schedule, guidance on/off, options, plan *structure*,
+shapes); params, plan leaves (masks, depth tables, θ, extra params), the key, the start noise,
+the labels and the guidance scale are traced, so new values never recompile, and nothing here
+keeps a plan or its params alive after the call (`trace_count()` counts traces, for tests).
 """
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Optional
 
@@ -22,15 +26,47 @@ import numpy as np
 from jaxee.diffusion import guidance as guidance_lib
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.diffusion import schedules as schedules_lib
-from jaxee.eval import flops as flops_lib
+from jaxee.models.backbone import as_backbone
 
-# Options that only the continuous / DDIM samplers take.
-_SAMPLER_OPTIONS = {"ddim": ("eta",), "euler_maruyama": ("eps", "T"), "euler_ode": ("eps", "T"),
-                    "dpm_solver": ("eps", "T"), "dpm_solver_pp": ("eps", "T"), "ddpm": ()}
+_TRACES = collections.Counter()
+
+
+def trace_count() -> int:
+  """How many times a sampling program has been traced in this process (compile counting)."""
+  return sum(_TRACES.values())
+
+
+def schedule_kind(schedule: Any) -> str:
+  """'linear_discrete' | 'vp_continuous' | 'sd_discrete' for a schedule name or object."""
+  if isinstance(schedule, str):
+    return schedule
+  kinds = ((schedules_lib.DiscreteDiffusion, "linear_discrete"),
+           (schedules_lib.VPSDE, "vp_continuous"),
+           (schedules_lib.SDDiscreteSchedule, "sd_discrete"))
+  for cls, kind in kinds:
+    if isinstance(schedule, cls):
+      return kind
+  raise ValueError(f"unknown schedule object of type {type(schedule).__name__}")
+
+
+def check_sampler(model, sampler: str, schedule: Any = None, options: Optional[dict] = None):
+  """Raises a clear ValueError unless `sampler` runs on the model's (or the given) schedule."""
+  if sampler not in samplers_lib.SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers_lib.SAMPLERS}")
+  spec = samplers_lib.get_sampler(sampler)
+  kind = schedule_kind(schedule if schedule is not None else model.default_schedule)
+  if spec.schedule != kind:
+    raise ValueError(
+        f"sampler {sampler!r} runs on the {spec.schedule!r} schedule, but this "
+        f"{type(model).__name__} samples on {kind!r}; use one of "
+        f"{samplers_lib.samplers_for(kind)} (or pass a matching `schedule`)")
+  unknown = sorted(set(options or {}) - set(spec.options))
+  if unknown:
+    raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {spec.options}")
 
 
 def default_schedule(model, sampler: str, steps: int, schedule: Any = None):
-  """The schedule object a sampler runs on, from the model family unless `schedule` is given.
+  """The schedule object a sampler runs on, from the model unless `schedule` is given.
 
   DDPM/DDIM take their step count from DiT's respacing (`"250"` / `"ddim50"`), so for them the
   schedule is built per step count; the continuous samplers take `steps` as an option.
@@ -52,79 +88,87 @@ def _named_schedule(name: str, respacing, learn_sigma):
   return schedules_lib.get_schedule(name)
 
 
-def _sampler_kwargs(sampler: str, steps: int, schedule, options: dict) -> dict:
-  allowed = _SAMPLER_OPTIONS[sampler]
-  unknown = sorted(set(options) - set(allowed))
+def sampler_kwargs(sampler: str, steps: int, schedule, options: dict) -> dict:
+  """The keyword arguments of the sampler function (options + `steps` where it takes it)."""
+  spec = samplers_lib.get_sampler(sampler)
+  unknown = sorted(set(options) - set(spec.options))
   if unknown:
-    raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {allowed}")
+    raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {spec.options}")
   kwargs = dict(options)
   if not isinstance(schedule, schedules_lib.DiscreteDiffusion):
     kwargs["steps"] = steps
   return kwargs
 
 
-class _FullNetwork:
-  """The plan-free network: the exact full forward, with its executed depth as a stat."""
+def nfe_times(model, sampler: str = "ddim", steps: int = 50, schedule: Any = None,
+              **sampler_options) -> np.ndarray:
+  """The network times of every NFE of a run, in order (float32; the one public NFE grid).
 
-  def bind(self, model, params, nfe_times):
-    del nfe_times
-    depth = float(flops_lib.num_blocks(model))
-    flops = float(flops_lib.backbone_flops(model))
+  Args:
+    model: the backbone.
+    sampler, steps, schedule, **sampler_options: as for `sample`.
 
-    def net(x, t_net, y, nfe_index, cache):
-      del nfe_index
-      out = model.apply({"params": params}, x, t_net, y)
-      return out, cache, {"blocks": jnp.float32(depth), "flops": jnp.float32(flops)}
+  Returns:
+    (num_nfe,) float32: what the network receives at each evaluation (DiT: the original integer
+    t; U-ViT continuous: 999·t; discrete: 1000·t).
+  """
+  check_sampler(model, sampler, schedule, sampler_options)
+  sched = default_schedule(model, sampler, steps, schedule)
+  kwargs = sampler_kwargs(sampler, steps, sched, sampler_options)
+  return np.asarray(samplers_lib.get_sampler(sampler).nfe_times(sched, **kwargs), np.float32)
 
-    return net, (lambda x, y: ())
 
-
-def _bind(plan, model, params, nfe_times):
-  bound = (plan or _FullNetwork()).bind(model, params, nfe_times)
-  if hasattr(bound, "net"):  # a `plan.BoundPlan` (net, init_cache, info)
-    return bound.net, bound.init_cache
-  return bound  # a plain (net, init_cache) pair
+def _full_plan():
+  from jaxee.exits import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  return plan_lib.FullPlan()
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model, sampler: str, steps: int, schedule_key, plan_key, guided: bool,
-              options_key):
-  schedule = _SCHEDULES[schedule_key]
-  plan = _PLANS[plan_key]
+def _compiled(model, sampler: str, steps: int, schedule, guided: bool, options_key):
+  """One jitted sampler per static configuration; plans are traced arguments."""
   options = dict(options_key)
+  if isinstance(schedule, _ByIdentity):
+    schedule = schedule.obj
   spec = samplers_lib.get_sampler(sampler)
-  kwargs = _sampler_kwargs(sampler, steps, schedule, options)
-  nfe_times = np.asarray(spec.nfe_times(schedule, **kwargs), np.float32)
+  kwargs = sampler_kwargs(sampler, steps, schedule, options)
+  times = np.asarray(spec.nfe_times(schedule, **kwargs), np.float32)
   null = model.null_class
 
-  def run(params, rng, x_T, labels, scale):
-    net, init_cache = _bind(plan, model, params, nfe_times)
+  def run(params, plan, rng, x_T, labels, scale):
+    _TRACES[(sampler, steps)] += 1  # trace-time only: counts compilations
+    bound = plan.bind(model, params, times)
     denoise = guidance_lib.make_denoiser(
-        net, labels, family=model.family, null_label=null if null is not None else 0,
+        bound.net, labels, family=getattr(model, "cfg_convention", model.family), null_label=null if null is not None else 0,
         scale=scale if guided else None)
     batch_x = jnp.concatenate([x_T, x_T]) if guided else x_T
     batch_y = None if labels is None else (
         jnp.concatenate([labels, jnp.full_like(labels, null)]) if guided else labels)
-    cache = init_cache(batch_x, batch_y)
+    cache = bound.init_cache(batch_x, batch_y)
     return spec.sample(denoise, schedule, rng, x_T, cache=cache, **kwargs)
 
-  return jax.jit(run), nfe_times
+  return jax.jit(run), times
 
 
-# Schedules and plans are not always hashable (they hold NumPy tables): key them by identity and
-# keep them alive here so an id is never reused while its compiled function is cached.
-_SCHEDULES: dict[Any, Any] = {}
-_PLANS: dict[Any, Any] = {}
+class _ByIdentity:
+  """Hash/eq by identity for unhashable schedule objects (kept alive only while cached)."""
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.obj is self.obj
 
 
-def _key(store: dict, obj) -> Any:
+def _schedule_key(sched):
+  """The schedule itself when hashable, else an identity wrapper (bounded by the lru_cache)."""
   try:
-    hash(obj)
-    key = ("h", obj)
+    hash(sched)
+    return sched
   except TypeError:
-    key = ("id", id(obj))
-  store.setdefault(key, obj)
-  return key
+    return _ByIdentity(sched)
 
 
 def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddim",
@@ -137,11 +181,13 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     params: its params.
     rng: a PRNG key (start noise when `x_T` is None, and the per-step noise).
     num: batch size; required unless `x_T` is given.
-    sampler: 'ddpm' | 'ddim' | 'dpm_solver' | 'dpm_solver_pp' | 'euler_maruyama' | 'euler_ode'.
+    sampler: 'ddpm' | 'ddim' | 'dpm_solver' | 'dpm_solver_pp' | 'euler_maruyama' | 'euler_ode';
+      it must run on the model's schedule (or the given `schedule`).
     steps: sampling steps (DDPM/DDIM: respaced chain length; others: solver steps).
     labels: (num,) int class labels, or None (unconditional / null class).
     guidance: CFG scale in the family's convention (DiT: uncond + s·(cond − uncond) on the first
-      3 ε channels, FID setting 1.5; U-ViT: cond + s·(cond − uncond), 0.4/0.7), or None.
+      3 ε channels, FID setting 1.5; U-ViT: cond + s·(cond − uncond), 0.4/0.7), or None;
+      requires `labels`.
     plan: an exit plan from `jaxee.exits` (None: the full network).
     x_T: optional (num, H, W, C) start, so deterministic samplers reproduce the original
       implementation's trajectory from the same noise.
@@ -155,30 +201,36 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     per-NFE arrays (`blocks`: mean blocks run per sample, `flops`: FLOPs per sample; plans
     may add more) plus `nfe_times` when `return_stats=True`.
   """
-  if sampler not in _SAMPLER_OPTIONS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose from {tuple(_SAMPLER_OPTIONS)}")
-  size = model.input_size if model.family == "dit" else model.img_size
-  channels = model.in_channels if model.family == "dit" else model.in_chans
+  check_sampler(model, sampler, schedule, sampler_options)
+  if int(steps) < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  shape = tuple(as_backbone(model).input_shape)
   if x_T is None:
     if num is None:
       raise ValueError("give num (batch size) or x_T")
     rng, start_key = jax.random.split(rng)
-    x_T = jax.random.normal(start_key, (num, size, size, channels), jnp.float32)
+    x_T = jax.random.normal(start_key, (num,) + shape, jnp.float32)
   x_T = jnp.asarray(x_T, jnp.float32)
-  chex.assert_shape(x_T, (num if num is not None else x_T.shape[0], size, size, channels))
+  chex.assert_shape(x_T, (num if num is not None else x_T.shape[0],) + shape)
   if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
     chex.assert_shape(labels, (x_T.shape[0],))
-  guided = guidance is not None and labels is not None
+  if guidance is not None and labels is None:
+    raise ValueError("guidance needs labels: classifier-free guidance mixes the conditional and "
+                     "unconditional predictions of the given labels")
+  guided = guidance is not None
   if guided and model.null_class is None:
     raise ValueError(f"guidance needs a null class, and this {type(model).__name__} has none")
   sched = default_schedule(model, sampler, steps, schedule)
-  fn, nfe_times = _compiled(model, sampler, int(steps), _key(_SCHEDULES, sched),
-                            _key(_PLANS, plan), guided, tuple(sorted(sampler_options.items())))
+  fn, times = _compiled(model, sampler, int(steps), _schedule_key(sched), guided,
+                        tuple(sorted(sampler_options.items())))
+  plan = _full_plan() if plan is None else plan
+  if hasattr(plan, "check"):
+    plan.check(model, times)
   scale = jnp.float32(guidance if guided else 0.0)
-  x, _, stats = fn(params, rng, x_T, labels, scale)
+  x, _, stats = fn(params, plan, rng, x_T, labels, scale)
   if not return_stats:
     return x
   stats = dict(stats)
-  stats["nfe_times"] = jnp.asarray(nfe_times)
+  stats["nfe_times"] = jnp.asarray(times)
   return x, stats

@@ -1,7 +1,8 @@
 """Tiny DiT / U-ViT backbones with NumPy-drawn params for the DeeDiff tests.
 
-NumPy draws need no PRNG program to compile, which keeps the test files fast on CPU (a jitted
-threefry fill of ~50 leaves costs several CPU-seconds of XLA compile).
+Input shapes come from the backbone contract (`as_backbone(model).input_shape`). NumPy draws need
+no PRNG program to compile, which keeps the test files fast on CPU (a jitted threefry fill of ~50
+leaves costs several CPU-seconds of XLA compile).
 """
 import functools
 
@@ -10,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxee import models
+from jaxee.models.backbone import as_backbone
 
 
 def numpy_params(model, seed):
   """Random params drawn with NumPy (no PRNG program to compile): kernels N(0, 0.25/fan_in),
   LayerNorm scales 1 + N(0, 0.05²), biases N(0, 0.05²), embeddings N(0, 0.3²)."""
-  shape = ((1, model.input_size, model.input_size, model.in_channels) if model.family == "dit"
-           else (1, model.img_size, model.img_size, model.in_chans))
+  shape = (1,) + tuple(as_backbone(model).input_shape)
   y = jnp.zeros((1,), jnp.int32) if model.num_classes > 0 else None
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape), jnp.zeros((1,)),
                           y)["params"]
@@ -50,8 +51,7 @@ def tiny_backbone(family):
 
 
 def numpy_inputs(model, batch, seed=2):
-  size = model.input_size if model.family == "dit" else model.img_size
-  chans = model.in_channels if model.family == "dit" else model.in_chans
-  x = np.random.RandomState(seed).standard_normal((batch, size, size, chans)).astype(np.float32)
+  shape = (batch,) + tuple(as_backbone(model).input_shape)
+  x = np.random.RandomState(seed).standard_normal(shape).astype(np.float32)
   y = jnp.arange(batch, dtype=jnp.int32) % model.num_classes if model.num_classes > 0 else None
   return jnp.asarray(x), y

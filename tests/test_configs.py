@@ -147,3 +147,93 @@ def test_runlocal_trains(name, tmp_path):
   elif c.method == "deediff":
     _, _, ee, meta = methods.load_deediff_export(tmp_path)
     assert set(ee) == {"heads", "uems"} and meta["threshold"] == c.deediff.threshold
+
+
+# ------------------------------------------------------------------------------------------------
+# One loader, one source of defaults (issue 11).
+
+CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
+SECTION_METHODS = ("ase", "deediff", "duodiff")
+
+
+def test_config_files_share_one_loader():
+  assert not (ROOT / "configs" / "common.py").exists()
+  assert len(CONFIG_FILES) >= 9
+  for path in CONFIG_FILES:
+    src = path.read_text()
+    for banned in ("spec_from_file_location", "exec_module", "importlib", "sys.modules",
+                   "def _common", "def _base_config", "def base_config"):
+      assert banned not in src, f"{path.name} defines its own loader ({banned})"
+    assert "from jaxee import configs_common as common" in src, path.name
+
+
+def test_training_code_has_no_fallback_defaults():
+  import inspect
+  import re
+  src = inspect.getsource(methods)
+  for banned in (r"\b_get\(", r"config_get\(", r"getattr\([ad],", r"\b[ad]\.get\("):
+    assert not re.search(banned, src), f"jaxee/train/methods.py reads with a fallback: {banned}"
+
+
+def test_schema_defaults_are_the_shipped_values():
+  from jaxee.train import config_base
+  ase = config_base.method_section("ase", schedule="D3-DiT")
+  assert (ase.lambda_mode, ase.cycle_length, ase.freeze_time_embedder) == ("plateau", 10_000,
+                                                                           True)
+  assert (ase.plateau_window, ase.plateau_patience, ase.custom_schedule) == (1_000, 3, None)
+  assert config_base.method_section("duodiff").init == "scratch"
+  dee = config_base.method_section("deediff", threshold=0.08)
+  assert (dee.uem, dee.freeze_backbone, dee.variant) == ("token_mean", True, "paper")
+  with pytest.raises(ValueError, match=r"unknown config.ase field\(s\) \['lamda_mode'\]"):
+    config_base.ase_section("D3-DiT", lamda_mode="cycle")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SETTINGS if not n.startswith("masks")))
+def test_every_field_the_method_reads_is_in_the_config(name):
+  """The loaded config holds exactly the schema's fields and `build_method` (which reads them
+  directly, no fallbacks) sets the method up from it."""
+  import jax
+  from jaxee import models
+  from jaxee.convert import backbone_rules
+  from jaxee.train import config_base
+  c = load(name, "runlocal")
+  assert c.method in SECTION_METHODS
+  assert config_base.check_section(c, c.method) == []
+  assert sorted(c[c.method].keys()) == config_base.section_fields(c.method)
+  c.lock()
+  model = models.create(c.model.arch, **c.model.overrides)
+  params = None
+  if c.method == "deediff":
+    params = model.init(jax.random.PRNGKey(0), *backbone_rules.example_inputs(model))["params"]
+  setup = methods.build_method(c, model, params, jax.random.PRNGKey(1))
+  assert setup.name == c.method
+
+
+@pytest.mark.parametrize("name,field", [("ase_dit_imagenet256", "lambda_mode"),
+                                        ("ase_uvit_celeba", "freeze_time_embedder"),
+                                        ("deediff_uvit", "threshold"),
+                                        ("duodiff", "init")])
+def test_a_missing_field_fails_with_a_clear_error(name, field):
+  from jaxee import models
+  c = load(name, "runlocal")
+  del c[c.method][field]
+  message = rf"config.{c.method} is missing field\(s\) \['{field}'\]"
+  with pytest.raises(ValueError, match=message):
+    methods.validate(c)
+  with pytest.raises(ValueError, match=message):
+    methods.build_method(c, models.create(c.model.arch, **c.model.overrides), None, None)
+
+
+def test_unknown_or_missing_fields_fail_with_a_clear_error():
+  c = load("ase_dit_imagenet256", "runlocal")
+  c.ase.lamda_mode = "cycle"              # a typo would otherwise be silently ignored
+  with pytest.raises(ValueError, match=r"config.ase has unknown field\(s\) \['lamda_mode'\]"):
+    methods.validate(c)
+  c = load("duodiff", "runlocal")
+  del c["duodiff"]
+  with pytest.raises(ValueError, match="method 'duodiff' needs a config.duodiff section"):
+    methods.validate(c)
+  c = load("deediff_uvit", "runlocal")
+  del c.model["arch"]
+  with pytest.raises(ValueError, match="config.model.arch is missing"):
+    methods.validate(c)

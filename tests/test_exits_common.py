@@ -107,28 +107,29 @@ def test_plan_specs():
   plan, _ = testing.plan_from_spec("ase:4,4,3,3,2,2,1,1,1,1:switch", model, params, times)
   assert plan.runner == "switch" and plan.schedule[4] == 2
   assert testing.plan_from_spec("ase:D7-DiT", model, params, times)[0].runner == "loop"
-  plan, p = testing.plan_from_spec("duodiff:300:2", model, params, times)
-  assert plan.shallow_model.depth == 2 and set(p) == {"deep", "shallow"}
-  plan, _ = testing.plan_from_spec("mask:0.5", model, params, times)
+  plan, p = testing.plan_from_spec("duodiff:300:random=2", model, params, times)
+  assert plan.shallow_model.depth == 2 and plan.shallow_params is not None and p is params
+  plan, _ = testing.plan_from_spec("mask:skip=0.5", model, params, times)
   assert plan.mask.shape == (10, 4) and plan.mask[1:].sum(1).tolist() == [2] * 9
-  plan, _ = testing.plan_from_spec("mask:0.25:branch", model, params, times)
+  plan, _ = testing.plan_from_spec("mask:skip=0.25:branch", model, params, times)
   assert plan.unit == "branch" and plan.mask[1:].sum(1).tolist() == [6] * 9
   with pytest.raises(ValueError, match="unknown plan spec"):
     testing.plan_from_spec("nope:1", model, params, times)
   bench = _tool("bench_exits")
-  assert bench.split_plans("ase:D3-DiT,ase:1,2,3,4,5,6,7,8,9,9,mask:0.5") == [
-      "ase:D3-DiT", "ase:1,2,3,4,5,6,7,8,9,9", "mask:0.5"]
-  assert bench.split_plans("duodiff:300:3+mask:0.5") == ["duodiff:300:3", "mask:0.5"]
+  assert bench.split_plans("ase:D3-DiT; ase:1,2,3,4,5,6,7,8,9,9;mask:skip=0.5") == [
+      "ase:D3-DiT", "ase:1,2,3,4,5,6,7,8,9,9", "mask:skip=0.5"]
+  assert bench.split_plans(["duodiff:300:random=3+mask:skip=0.5", "full"]) == [
+      "duodiff:300:random=3+mask:skip=0.5", "full"]
 
 
 def test_plot_exits_writes_a_png(tmp_path):
   plot = _tool("plot_exits")
   out = tmp_path / "exits.png"
   args = plot.parse_args(["--arch", "dit_s_8", "--input-size", "16", "--steps", "10",
-                          "--plans", "ase:D3-DiT,ase:D7-DiT,mask:0.5", "--out", str(out),
+                          "--plans", "ase:D3-DiT;ase:D7-DiT;mask:skip=0.5", "--out", str(out),
                           "--platform", ""])
   curves = plot.depth_curves(args)
-  assert set(curves) == {"full", "ase:D3-DiT", "ase:D7-DiT", "mask:0.5"}
+  assert set(curves) == {"full", "ase:D3-DiT", "ase:D7-DiT", "mask:skip=0.5"}
   tau, blocks = curves["ase:D3-DiT"]
   assert tau[0] > 0.8 and blocks[0] == 5 and blocks[-1] == 12  # D3 scaled to 12 blocks
   plot.plot(curves, "test", str(out))

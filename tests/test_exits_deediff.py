@@ -1,11 +1,16 @@
 """DeeDiff runners (`jaxee/exits/deediff.py`) against a block-by-block reference.
 
-The reference runs every block in a Python loop, applies every exit head and UEM to the input of
-each block, and selects each sample's first exit with NumPy. Exits are made sample-dependent by
-scripted timestep-aware UEMs (exit layer a function of t) with each sample at its own t, plus a
-small random weight on the pooled tokens so that u also depends on the sample's features.
+The reference runs every block in a Python loop with the modules' own methods (not the backbone
+contract the runners use), applies every exit head and UEM to the input of each block, and
+selects each sample's first exit with NumPy. Exits are made sample-dependent by scripted
+timestep-aware UEMs (exit layer a function of t) with each sample at its own t, plus a small
+random weight on the pooled tokens so that u also depends on the sample's features. The same
+runner code serves the DiT and the U-ViT (`case` is parametrised over both).
 """
+import dataclasses
 import functools
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,45 +22,54 @@ from jaxee import models
 from jaxee.eval import flops as flops_lib
 from jaxee.exits import deediff
 from jaxee.exits import deediff_heads as heads_lib
-from jaxee.exits import ops
+from jaxee.models.backbone import as_backbone, take
 
 import deediff_fixtures as fx
 
 BATCH = 16
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def reference_all_exits(model, params, ee, x, t, y, uem):
-  """(final, [head_k(state_k)], u (L, B), [state_k]) with state_k the input of block k."""
-  b = ops.Blocks(model)
-  tokens, ctx = ops.embed(model, params, x, t, y)
-  states, h = [], tokens
+def _module_blocks(model, params, x, t, y):
+  """(block inputs in execution order, exit context, final tokens), by the modules' methods."""
+  states = []
   if model.family == "dit":
+    h, ctx = model.apply({"params": params}, x, t, y, method="embed")
+    blk = model.block_module()
     for l in range(model.depth):
       states.append(h)
-      h = b.dit(ops.take(params["blocks"], l), h, ctx)
-  else:
-    skips = []
-    for l in range(model.num_in_blocks):
-      states.append(h)
-      h = b.uvit_in(ops.take(params["in_blocks"], l), h)
-      skips.append(h)
+      h = blk.apply({"params": take(params["blocks"], l)}, h, ctx)
+    return states, ctx, model.apply({"params": params}, h, ctx, method="head")
+  h, ctx = model.apply({"params": params}, x, t, y, method="embed"), None
+  in_blk, out_blk = model.block_module(False), model.block_module(True)
+  skips = []
+  for l in range(model.num_in_blocks):
     states.append(h)
-    h = b.uvit_in(params["mid_block"], h)
-    for l in range(model.num_in_blocks):
-      states.append(h)
-      h = b.uvit_out(ops.take(params["out_blocks"], l), h, skips.pop())
-  final = ops.head(model, params, h, ctx)
+    h = in_blk.apply({"params": take(params["in_blocks"], l)}, h)
+    skips.append(h)
+  states.append(h)
+  h = in_blk.apply({"params": params["mid_block"]}, h)
+  for l in range(model.num_in_blocks):
+    states.append(h)
+    h = out_blk.apply({"params": take(params["out_blocks"], l)}, h, skips.pop())
+  return states, ctx, model.apply({"params": params}, h, method="head")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def reference_all_exits(model, params, ee, x, t, y, uem):
+  """(final, [head_k(state_k)], u (L, B), [state_k], ctx, full forward) with state_k the input
+  of block k."""
+  states, ctx, final = _module_blocks(model, params, x, t, y)
   head, probe = heads_lib.make_head(model), heads_lib.make_uem(model, uem)
   t_emb = heads_lib.time_features(model, t)
-  outs = [head.apply({"params": ops.take(ee["heads"], k)}, s, ctx) for k, s in enumerate(states)]
-  u = jnp.stack([probe.apply({"params": ops.take(ee["uems"], k)}, s, t_emb)
+  outs = [head.apply({"params": take(ee["heads"], k)}, s, ctx) for k, s in enumerate(states)]
+  u = jnp.stack([probe.apply({"params": take(ee["uems"], k)}, s, t_emb)
                  for k, s in enumerate(states)])
-  return final, outs, u, states, ctx
+  return final, outs, u, states, ctx, model.apply({"params": params}, x, t, y)
 
 
 def reference(model, params, ee, x, t, y, uem):
-  final, outs, u, states, ctx = reference_all_exits(model, params, ee, x, t, y, uem)
+  final, outs, u, states, ctx, full = reference_all_exits(model, params, ee, x, t, y, uem)
+  np.testing.assert_allclose(np.asarray(final), np.asarray(full), atol=1e-5, rtol=0)
   return (np.asarray(final), [np.asarray(o) for o in outs], np.asarray(u), states, ctx)
 
 
@@ -143,7 +157,7 @@ def test_exact_token_mean_uem_equals_reference(dit_case):
   uems = deediff.init_deediff_params(model, jax.random.PRNGKey(7), "token_mean")["uems"]
   ee = dict(c["ee"], uems=uems)  # the same heads, the public per-token UEM
   probe = heads_lib.make_uem(model, "token_mean")
-  u = np.stack([np.asarray(probe.apply({"params": ops.take(uems, k)}, s, None))
+  u = np.stack([np.asarray(probe.apply({"params": take(uems, k)}, s, None))
                 for k, s in enumerate(states)])
   theta = float(np.quantile(u, 0.3))
   k = numpy_first_exit(u, theta)
@@ -205,12 +219,13 @@ def test_uvit_exit_discards_pending_skips(uvit_case):
   _, outs, _, states, _ = c["ref"]
   np.testing.assert_allclose(out, outs[k], atol=1e-6, rtol=0)
   # The pending skips were not fused: the ASE rule (fuse every remaining skip) differs.
-  blk = ops.Blocks(model)
+  out_blk = model.block_module(True)
   h = states[k]
   skips = list(reversed(states[1:model.num_in_blocks + 1]))  # in-block outputs, LIFO order
   for j in range(k - model.num_in_blocks - 1, model.num_in_blocks):
-    h = blk.uvit_merge(ops.take(params["out_blocks"], j), h, skips[j])
-  fused = heads_lib.make_head(model).apply({"params": ops.take(ee["heads"], k)}, h)
+    h = out_blk.apply({"params": take(params["out_blocks"], j)}, h, skips[j],
+                      method="merge_skip")
+  fused = heads_lib.make_head(model).apply({"params": take(ee["heads"], k)}, h)
   assert np.abs(np.asarray(fused) - outs[k]).max() > 1e-3
   want = (flops_lib.embed_flops(model) + (model.num_in_blocks + 1) * flops_lib.block_flops(model)
           + flops_lib.block_flops(model, "out_block")
@@ -278,3 +293,107 @@ def test_plan_argument_errors(dit_case):
     deediff.benchmark_plan(c["model"], c["params"], jax.random.PRNGKey(0), exit_layer_at_noise=9)
   assert deediff.DeeDiffPlan(ee, 0.0).threshold == 0.0  # the closed ends are valid
   assert deediff.DeeDiffPlan(ee, 1.0).threshold == 1.0
+
+
+def test_exit_flops_are_generic_kernel_counts(case):
+  """Exit head / UEM FLOPs come from their kernels (no per-family formula), and the per-layer
+  tables from the backbone contract."""
+  model = case["model"]
+  bb = as_backbone(model, "block")
+  d, n = bb.width, bb.num_tokens
+  assert deediff.uem_flops(model, "token_mean") == 2.0 * n * d
+  assert deediff.uem_flops(model, "timestep_aware") == 4.0 * d
+  if model.family == "dit":  # FinalLayer-shaped: adaLN on c, then Linear on every token
+    want = 2.0 * d * 2 * d + 2.0 * n * d * model.patch_size ** 2 * model.out_channels
+  else:  # Linear on every token (extras included), then the 3×3 conv on every pixel
+    c = model.in_chans
+    want = 2.0 * n * d * model.patch_size ** 2 * c + 2.0 * model.img_size ** 2 * 9 * c * c
+  assert deediff.exit_head_flops(model) == want
+  assert deediff.blocks_flops_upto(model, case["num"]) == pytest.approx(
+      flops_lib.full_block_flops(model), rel=1e-12)
+  assert deediff.exit_flops(model, case["num"], "token_mean") == pytest.approx(
+      flops_lib.backbone_flops(model) + case["num"] * 2.0 * n * d, rel=1e-12)
+
+
+def test_plan_is_a_pytree_with_traced_threshold(dit_case):
+  """θ, min_fraction and the head/UEM params are leaves: a jitted function taking the plan
+  traces once for any θ, binds with `info=None`, and matches the concrete plan."""
+  c = dit_case
+  model, params = c["model"], c["params"]
+  plan = deediff.DeeDiffPlan(c["ee"], 0.5, "batched", uem="timestep_aware")
+  leaves, tree = jax.tree.flatten(plan)
+  assert len(leaves) == len(jax.tree.leaves(c["ee"])) + 2
+  again = jax.tree.unflatten(tree, leaves)
+  assert isinstance(again, deediff.DeeDiffPlan) and again.mode == "batched"
+  traces, infos = [], []
+
+  @jax.jit
+  def run(p, x, t, y):
+    traces.append(1)
+    bound = p.bind(model, params, np.asarray([500.0]))
+    infos.append(bound.info)
+    out, _, stats = bound.net(x, t, y, 0, ())
+    return out, stats["blocks"]
+
+  for theta in (0.5, 0.3, 0.7):
+    p = dataclasses.replace(plan, threshold=theta)
+    out, blocks = run(p, c["x"], c["t"], c["y"])
+    want, stats = _run(p, c)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-6, rtol=0)
+    assert float(blocks) == stats["blocks"]
+  assert len(traces) == 1 and infos == [None]
+  plan.check(model, [500.0, 0.0])
+  with pytest.raises(ValueError, match="ee_params"):
+    dataclasses.replace(plan, uem="token_mean").check(model, [500.0])
+  with pytest.raises(ValueError, match="nfe_times"):
+    plan.check(model, [])
+
+
+def test_threshold_sweep_through_sample_compiles_once(dit_case):
+  """A 5-value θ sweep through `jaxee.sample` traces the sampler once (θ is a traced leaf) and
+  each θ really takes effect (the per-NFE depths follow the host prediction)."""
+  from jaxee import sampling  # pylint: disable=g-import-not-at-top
+  model, params = dit_case["model"], dit_case["params"]
+  # A soft scripted UEM (1 logit unit per layer), so that moving θ moves the exit layers.
+  base, _ = deediff.benchmark_plan(model, params, jax.random.PRNGKey(8), exit_layer_at_noise=1,
+                                   sharpness=1.0)
+  before = sampling.trace_count()
+  seen = []
+  for theta in (0.1, 0.3, 0.5, 0.7, 0.9):
+    plan = dataclasses.replace(base, threshold=theta)
+    xs, stats = jaxee.sample(model, params, jax.random.PRNGKey(11), plan=plan, num=2,
+                             sampler="ddim", steps=3, labels=jnp.asarray([1, 2]),
+                             return_stats=True)
+    assert np.all(np.isfinite(np.asarray(xs)))
+    want = deediff.predict_exits(model, plan.ee_params, "timestep_aware", theta,
+                                 np.asarray(stats["nfe_times"]))
+    np.testing.assert_array_equal(np.asarray(stats["blocks"]), want)
+    seen.append(tuple(want.tolist()))
+  assert len(set(seen)) > 1  # the sweep changes the exits
+  assert sampling.trace_count() - before == 1
+
+
+def test_non_uniform_tokens_are_refused(dit_case):
+  model = dit_case["model"]
+
+  @dataclasses.dataclass(frozen=True)
+  class Ragged(type(as_backbone(model, "block"))):
+    @property
+    def uniform_tokens(self):
+      return False
+
+  ragged = Ragged(model, "block")
+  with pytest.raises(ValueError, match="uniform_tokens"):
+    deediff.DeeDiffPlan(dit_case["ee"], 0.5, uem="timestep_aware").bind(ragged, dit_case["params"],
+                                                                        [500.0])
+  with pytest.raises(ValueError, match="uniform_tokens"):
+    deediff.init_deediff_params(ragged, jax.random.PRNGKey(0))
+
+
+def test_no_family_branch_in_deediff_code():
+  """DeeDiff is written once against the backbone contract (project issue 11)."""
+  root = pathlib.Path(deediff.__file__).resolve().parents[1]
+  for rel in ("exits/deediff.py", "exits/deediff_heads.py", "train/deediff_loss.py"):
+    src = (root / rel).read_text()
+    assert not re.search(r"\.family\b|['\"](dit|uvit)['\"]", src), rel
+    assert not re.search(r"exits import ops|\bops\.", src), rel

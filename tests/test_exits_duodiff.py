@@ -113,30 +113,21 @@ def test_sampler_with_cfg_equals_reference_and_split_scan(models_and_params):
   np.testing.assert_array_equal(stats["blocks"], [1] * split + [4] * (8 - split))
   assert 0 < split < 8
 
-  # The two-scan sampler: same samples, and no conditional anywhere in the program.
-  # pylint: disable-next=protected-access
-  fn, _, k = duodiff._compiled_split(deep, plan, "ddim", 8, True, ())
-  assert k == split
-  rng, start = jax.random.split(jax.random.PRNGKey(2))
-  x_T = jax.random.normal(start, x.shape, jnp.float32)
-  compiled = fn.lower(params, rng, x_T, labels, jnp.float32(1.5)).compile()
-  hlo = compiled.as_text()
-  assert "conditional(" not in hlo
-  loops = [l for l in hlo.splitlines()
-           if " while(" in l and 'op_name="jit(run)/jit(ddim_loop)/while"' in l]
-  assert len(loops) == 2  # one sampler scan for the shallow steps, one for the deep ones
-  x_split, stats_split = compiled(params, rng, x_T, labels, jnp.float32(1.5))
-  testing.assert_outputs_close(x_split, x)
-  np.testing.assert_array_equal(stats_split["blocks"], stats["blocks"])
 
-
-def test_sample_split_public_api_and_closed_over_params(models_and_params):
+def test_plan_params_and_t_switch_are_traced_arguments(models_and_params):
+  """Shallow params inside the plan are a traced leaf: a t_s sweep compiles once, and the
+  result equals passing them packed with the deep params."""
   deep, deep_p, shallow, shallow_p = models_and_params
-  plan = duodiff.DuoDiffPlan(shallow, shallow_p, t_switch=500)  # shallow params in the plan
-  x, stats = duodiff.sample_split(deep, deep_p, jax.random.PRNGKey(0), plan=plan, num=1,
-                                  sampler="ddpm", steps=6, labels=jnp.array([0]),
-                                  return_stats=True)
-  assert x.shape == (1, 8, 8, 4) and stats["split_index"] == 3
-  with pytest.raises(ValueError, match="sample_split supports"):
-    duodiff.sample_split(deep, deep_p, jax.random.PRNGKey(0), plan=plan, num=1,
-                         sampler="dpm_solver", steps=6)
+  kw = dict(num=1, sampler="ddpm", steps=6, labels=jnp.array([0]), return_stats=True)
+  packed = duodiff.DuoDiffPlan(shallow, t_switch=500)
+  x_ref, _ = jaxee.sample(deep, packed.pack(deep_p, shallow_p), jax.random.PRNGKey(0),
+                          plan=packed, **kw)
+  before = sampling.trace_count()
+  for t_s in (500.0, 300.0, 700.0):
+    plan = duodiff.DuoDiffPlan(shallow, shallow_p, t_switch=t_s)
+    x, stats = jaxee.sample(deep, deep_p, jax.random.PRNGKey(0), plan=plan, **kw)
+    k = plan.split_index(deep, np.asarray(stats["nfe_times"]))
+    np.testing.assert_array_equal(stats["blocks"], [1] * k + [4] * (6 - k))
+    if t_s == 500.0:
+      testing.assert_outputs_close(x, x_ref)
+  assert sampling.trace_count() - before <= 1  # at most the first (params-in-plan) structure

@@ -12,6 +12,7 @@ from jaxee.eval import flops as flops_lib
 from jaxee.exits import mask_tools
 from jaxee.exits import masks
 from jaxee.exits import testing
+from jaxee.models import backbone as bb_lib
 
 STEPS = 6
 
@@ -147,7 +148,8 @@ def test_dit_branch_units_with_cfg_equal_reference():
   testing.assert_outputs_close(x, x_ref)
 
 
-@pytest.mark.parametrize("unit,cache_mode", [("block", "block_output"), ("branch", "branch")])
+@pytest.mark.parametrize("unit,cache_mode", [("block", "block_output"), ("branch", "branch"),
+                                             ("block", "branch")])
 def test_uvit_masks_equal_reference(unit, cache_mode):
   model, params = testing.tiny_uvit()
   units = masks.num_units(model, unit)
@@ -158,3 +160,118 @@ def test_uvit_masks_equal_reference(unit, cache_mode):
   x_ref, _ = _run(model, params, testing.ReferencePlan(plan), **kw)
   testing.assert_outputs_close(x, x_ref)
   assert stats["blocks"][0] == 7
+
+
+# ---- the contract runner: FLOPs tables, skip consumers, traced masks, one compile -------------
+
+
+def _legacy_tables(model, plan):
+  """The pre-contract `masks._tables` (family-specific), kept here as an independent check."""
+  m = np.asarray(plan.mask)
+  bm = (np.repeat(m, 2, axis=1) if plan.unit == "block" else m).reshape(m.shape[0], -1, 2)
+  fa, fm = flops_lib.attn_flops(model), flops_lib.mlp_flops(model)
+  flops = (flops_lib.embed_flops(model) + flops_lib.head_flops(model)
+           + bm[..., 0].sum(1) * fa + bm[..., 1].sum(1) * fm)
+  block_any = bm.any(axis=2)
+  if model.family == "dit":
+    per = block_any if plan.cache_mode == "block_output" else np.ones_like(block_any)
+    flops = flops + per.sum(1) * flops_lib.modulation_flops(model)
+  else:
+    out = block_any[:, model.num_in_blocks + 1:]
+    per = out if plan.cache_mode == "block_output" else np.ones_like(out)
+    flops = flops + per.sum(1) * flops_lib.skip_flops(model)
+  return bm.mean(axis=2).sum(axis=1), flops
+
+
+@pytest.mark.parametrize("family", ["dit", "uvit"])
+@pytest.mark.parametrize("unit,cache_mode", [("block", "block_output"), ("block", "branch"),
+                                             ("branch", "branch")])
+def test_flops_tables_match_the_legacy_accounting(family, unit, cache_mode):
+  model, params = testing.tiny_dit() if family == "dit" else testing.tiny_uvit()
+  times = np.linspace(999, 0, STEPS).astype(np.float32)
+  plan = masks.MaskPlan(mask_tools.random_mask(STEPS, masks.num_units(model, unit), 0.5, seed=7),
+                        unit=unit, cache_mode=cache_mode)
+  info = plan.bind(model, params, times).info
+  blocks, flops = _legacy_tables(model, plan)
+  np.testing.assert_allclose(info["blocks_per_nfe"], blocks, rtol=1e-12)
+  np.testing.assert_allclose(info["flops_per_nfe"], flops, rtol=1e-12)
+  assert info["flops_per_nfe"][0] == pytest.approx(flops_lib.backbone_flops(model), rel=1e-12)
+  # The traced tables (what `stats` reads inside `jaxee.sample`) agree in float32.
+  traced = jax.jit(lambda p: masks.tables(
+      bb_lib.as_backbone(model, p.granularity), p.unit_mask()))(plan)
+  np.testing.assert_allclose(traced[0], blocks, rtol=1e-6)
+  np.testing.assert_allclose(traced[1], flops, rtol=1e-6)
+
+
+def test_skip_consumers_come_from_the_backbone():
+  uvit, _ = testing.tiny_uvit()
+  dit, _ = testing.tiny_dit()
+  bb = bb_lib.as_backbone(uvit, "block")
+  assert bb.skip_consumers() == mask_tools.uvit_skip_consumers(uvit.num_in_blocks)
+  assert bb_lib.as_backbone(dit, "block").skip_consumers() is None
+  m = mask_tools.random_mask(12, 7, 0.5, seed=2)
+  np.testing.assert_array_equal(
+      masks.MaskPlan(m).rectified(uvit).mask,
+      mask_tools.rectify(m, mask_tools.uvit_skip_consumers(uvit.num_in_blocks)))
+  np.testing.assert_array_equal(masks.MaskPlan(m[:, :4]).rectified(dit).mask,
+                                mask_tools.rectify(m[:, :4]))
+
+
+def test_plan_is_a_pytree_with_a_traced_mask():
+  model, params = testing.tiny_dit()
+  times = np.linspace(999, 0, STEPS).astype(np.float32)
+  a = masks.MaskPlan(mask_tools.random_mask(STEPS, 8, 0.5, seed=1), unit="branch",
+                     cache_mode="branch", metadata={"arch": "tiny"})
+  b = masks.MaskPlan(mask_tools.random_mask(STEPS, 8, 0.5, seed=2), unit="branch",
+                     cache_mode="branch")
+  leaves, tree = jax.tree.flatten(a)
+  assert len(leaves) == 1 and leaves[0] is a.mask
+  assert tree == jax.tree.structure(b)            # metadata is not part of the structure
+  assert tree != jax.tree.structure(masks.MaskPlan(b.mask[:, :4], cache_mode="branch"))
+  a.check(model, times)
+  with pytest.raises(ValueError, match="expected"):
+    a.check(model, times[:-1])
+  x, y = testing.example_inputs(model, batch=2)
+  cache = a.bind(model, params, times).init_cache(x, y)
+  t = jnp.full((2,), 500.0)
+
+  traces = []
+
+  @jax.jit
+  def traced(plan, p, c, i):
+    traces.append(1)
+    bound = plan.bind(model, p, times)
+    assert bound.info is None                     # host facts only for concrete plans
+    return bound.net(x, t, y, i, c)
+
+  for plan in (a, b):
+    ref_bound = plan.bind(model, params, times)   # concrete mask, eager
+    c = cache
+    for i in range(3):                            # a few NFEs, so cached values get reused
+      out, new_c, stats = traced(plan, params, c, jnp.int32(i))
+      ref, ref_c, ref_stats = ref_bound.net(x, t, y, jnp.int32(i), c)
+      testing.assert_outputs_close(out, ref)
+      jax.tree.map(testing.assert_outputs_close, new_c, ref_c)
+      np.testing.assert_allclose(stats["flops"], ref_bound.info["flops_per_nfe"][i], rtol=1e-6)
+      np.testing.assert_allclose(stats["blocks"], ref_bound.info["blocks_per_nfe"][i])
+      c = ref_c
+  assert len(traces) == 1                         # a new mask of the same shape: no retrace
+
+
+def test_two_plans_of_one_structure_compile_once():
+  model, params = testing.tiny_dit()
+  sampling = jaxee.sampling
+  if not hasattr(sampling, "trace_count"):
+    pytest.fail("jaxee.sampling.trace_count() is missing (owned by the sampling refactor)")
+  kw = dict(num=2, sampler="ddim", steps=STEPS, labels=jnp.array([2, 9]), guidance=1.5)
+  a = masks.MaskPlan(mask_tools.random_mask(STEPS, 4, 0.5, seed=11))
+  b = masks.MaskPlan(mask_tools.random_mask(STEPS, 4, 0.5, seed=12), metadata={"other": 1})
+  assert not np.array_equal(a.mask, b.mask)
+  x_a, stats_a = _run(model, params, a, **kw)
+  before = sampling.trace_count()
+  x_b, stats_b = _run(model, params, b, **kw)
+  assert sampling.trace_count() == before, "a second mask of the same shape recompiled"
+  # The mask really is a traced argument: the second plan's own mask decides what runs.
+  np.testing.assert_array_equal(stats_b["blocks"], b.mask.sum(1))
+  np.testing.assert_array_equal(stats_a["blocks"], a.mask.sum(1))
+  assert float(jnp.max(jnp.abs(x_a - x_b))) > 0

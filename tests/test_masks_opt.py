@@ -10,9 +10,11 @@ import pytest
 import jaxee
 from jaxee.exits import mask_tools
 from jaxee.exits import masks as masks_lib
-from jaxee.exits import ops
+from jaxee import models
 from jaxee.exits import testing
+from jaxee.models import backbone as bb_lib
 from jaxee.train import masks_opt
+from jaxee.train import masks_teacher
 
 STEPS = 4
 OPTS = dict(sampler="ddim", steps=STEPS, num_samples=2, iters_per_step=12, lr=0.05,
@@ -99,8 +101,17 @@ def test_sparsity_weight_controls_the_masks(dit):
   assert not sparse["mask"][1:].any(), "a huge sparsity cost skips every block after NFE 0"
 
 
+def _flat(values):
+  return jnp.concatenate(values, axis=0)
+
+
+def _split(bb, flat):
+  return tuple(flat[seg.start:seg.stop] for seg in bb.segments)
+
+
 def test_relaxed_forward_matches_the_uvit_mask_runner():
   model, params = testing.tiny_uvit(depth=4)        # 2 in-blocks, mid, 2 out-blocks: 5 units
+  bb = bb_lib.as_backbone(model, "block")
   x, y = testing.example_inputs(model, 2)
   t = jnp.full((2,), 300.0)
   row = np.array([0, 1, 0, 1, 1], bool)
@@ -109,14 +120,13 @@ def test_relaxed_forward_matches_the_uvit_mask_runner():
 
   @jax.jit
   def both(p, cache_noise):
-    tokens, ctx = ops.embed(model, p, x, t, y)
-    full, outs = masks_opt.run_blocks(model, p, tokens, ctx)
-    cache = outs + cache_noise
-    h, mixed = masks_opt.run_blocks(model, p, tokens, ctx, jnp.asarray(row, jnp.float32), cache)
-    runner_cache = {"in": cache[:2], "mid": cache[2:3], "out": cache[3:]}
-    ref, _, _ = bound.net(x, t, y, jnp.int32(1), runner_cache)
-    return (ops.head(model, p, full, ctx), model.apply({"params": p}, x, t, y), cache, mixed,
-            ops.head(model, p, h, ctx), ref)
+    state = bb.embed(p, x, t, y)
+    full, outs = masks_opt.run_blocks(model, p, state)
+    cache = _split(bb, _flat(outs) + cache_noise)
+    h, mixed = masks_opt.run_blocks(model, p, state, jnp.asarray(row, jnp.float32), cache)
+    ref, _, _ = bound.net(x, t, y, jnp.int32(1), cache)   # the runner's cache is the same tuple
+    return (bb.head(p, full), model.apply({"params": p}, x, t, y), _flat(cache), _flat(mixed),
+            bb.head(p, h), ref)
 
   noise = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (5, 2, 17, 32))
   full, apply_out, cache, mixed, masked, ref = both(params, noise)
@@ -124,3 +134,26 @@ def test_relaxed_forward_matches_the_uvit_mask_runner():
   np.testing.assert_array_equal(mixed[~row], cache[~row])     # skipped blocks output the cache
   np.testing.assert_allclose(masked, ref, atol=1e-5)          # = the sampler's mask runner
   assert float(jnp.max(jnp.abs(masked - full))) > 1e-3
+
+
+def test_random_label_range_without_family():
+  # Today's rule was "minus one for a U-ViT with a null class"; the contract-level rule (minus one
+  # when the null row is inside the label table) agrees on both families.
+  dit, _ = testing.tiny_dit(depth=3)
+  assert dit.null_class == dit.num_classes                      # null row outside the table
+  assert masks_teacher.num_real_classes(dit) == dit.num_classes
+  uvit = models.create("uvit", img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2,
+                       num_heads=4, num_classes=11, cfg_null_class=10)
+  assert masks_teacher.num_real_classes(uvit) == 10
+  uncond = models.create("uvit", img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2,
+                         num_heads=4, num_classes=11)
+  assert masks_teacher.num_real_classes(uncond) == 11
+  for m in (dit, uvit, uncond):
+    legacy = m.num_classes - (1 if m.family == "uvit" and m.null_class is not None else 0)
+    assert masks_teacher.num_real_classes(m) == legacy
+
+
+def test_recorder_plan_is_an_empty_pytree():
+  recorder = masks_teacher._RECORDER  # pylint: disable=protected-access
+  leaves, tree = jax.tree.flatten(type(recorder)())
+  assert leaves == [] and tree == jax.tree.structure(recorder)

@@ -2,12 +2,15 @@
 
     python tools/bench_exits.py --arch dit_s_2 --plan ase:D3-DiT --sampler ddim --steps 50 \
         --batch 8 --json
-    python tools/bench_exits.py --arch dit_s_2 --plan ase:D3-DiT,ase:D7-DiT,duodiff:300,mask:0.5
+    python tools/bench_exits.py --arch dit_s_2 \
+        --plan 'ase:D3-DiT; ase:D7-DiT; duodiff:300:random=3; mask:skip=0.5; ase:D3-DiT+mask:skip=0.3'
 
-Plan specs (`jaxee.exits.testing.plan_from_spec`): `full`, `ase:D3-DiT[:switch]`,
-`duodiff:<t_s>[:<shallow_depth>]`, `mask:<skipped fraction>[:branch]`,
-`deediff:<exit layer at noise>[:<at clean>]`. Params are random (timing does not depend on their
-values; DiT's zero-initialised adaLN is perturbed so no block is an identity).
+Plan specs are the library's one spec language (`jaxee.exits.spec`; paper ASE tables rescaled to
+the model): `full`, `ase:D3-DiT[:switch]`, `duodiff:<t_s>:random=<shallow depth>`,
+`mask:skip=<fraction>[:branch]`, `deediff:scripted=<exit layer at noise>[,<at clean>]`, `file:PATH`,
+and compositions joined with '+'. Several plans are separated by ';' (or repeat --plan). Params
+are random (timing does not depend on their values; DiT's zero-initialised adaLN is perturbed so
+no block is an identity).
 
 Protocol: every variant (the full model, then each plan) is called once (trace + compile + run)
 and `--warmup` more times untimed; then `--repeats` rounds call every variant once each, in a
@@ -40,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--arch", default="dit_s_2", help="registry arch (jaxee.models.create)")
-  p.add_argument("--plan", default="ase:D3-DiT",
-                 help="plan spec; several plans separated by ',' or '+' (timed in one process)")
+  p.add_argument("--plan", action="append",
+                 help="plan spec (default ase:D3-DiT); several plans separated by ';' or "
+                      "repeated (timed in one process)")
   p.add_argument("--sampler", default="ddim")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--batch", type=int, default=8)
@@ -55,17 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def split_plans(text: str) -> list[str]:
-  """'ase:D3-DiT,mask:0.5' or 'a+b' → specs (commas inside a custom ASE list are kept)."""
-  if "+" in text:
-    return [s for s in text.split("+") if s]
-  out = []
-  for piece in text.split(","):
-    if out and piece and piece[0].isdigit() and out[-1].startswith("ase:") and ":" not in piece:
-      out[-1] += "," + piece
-    elif piece:
-      out.append(piece)
-  return out
+def split_plans(text) -> list[str]:
+  """'ase:D3-DiT; mask:skip=0.5' (or a list of such strings) → specs; '+' composes within one."""
+  texts = [text] if isinstance(text, str) else list(text)
+  return [s.strip() for t in texts for s in t.split(";") if s.strip()]
 
 
 def build(args, abstract: bool = False):
@@ -102,7 +99,7 @@ def run(args) -> list[dict]:
   from jaxee.exits import testing  # pylint: disable=g-import-not-at-top
 
   model, params, labels, times = build(args)
-  specs = split_plans(args.plan)
+  specs = split_plans(args.plan or ["ase:D3-DiT"])
   variants = [("full", None, params)]
   for spec in specs:
     plan, plan_params = testing.plan_from_spec(spec, model, params, times)

@@ -1,7 +1,7 @@
 """Executed depth vs. diffusion time for a set of exit plans, as a PNG.
 
     python tools/plot_exits.py --arch dit_xl_2 --sampler ddim --steps 50 \
-        --plans ase:D3-DiT,ase:D7-DiT,duodiff:300,mask:0.5 --out exits.png
+        --plans "ase:D3-DiT; ase:D7-DiT; duodiff:300:random=3; mask:skip=0.5" --out exits.png
     python tools/plot_exits.py --arch dit_s_2 --plans ase:D3-DiT,deediff:4 --run --out d.png
 
 One line per plan: the number of transformer blocks executed per sample at each network
@@ -10,7 +10,7 @@ the data end on the right). By default the depths are the plans' host tables
 (`BoundPlan.info['blocks_per_nfe']`: exact for static plans, an upper bound for dynamic ones);
 `--run` instead samples once with random params and plots the measured per-NFE `blocks` stats
 (`jaxee.sample(..., return_stats=True)`), which is what a dynamic plan (DeeDiff) really ran.
-Plan specs are those of `tools/bench_exits.py` (`jaxee.exits.testing.plan_from_spec`).
+Plan specs are those of `tools/bench_exits.py` (`jaxee.exits.spec`).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--arch", default="dit_xl_2")
-  p.add_argument("--plans", default="ase:D2-DiT,ase:D3-DiT,ase:D4-DiT,ase:D7-DiT",
-                 help="plan specs separated by ',' or '+'")
+  p.add_argument("--plans", default="ase:D2-DiT; ase:D3-DiT; ase:D4-DiT; ase:D7-DiT",
+                 help="plan specs separated by ';' ('+' composes within one spec)")
   p.add_argument("--sampler", default="ddim")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--input-size", type=int, default=None)

@@ -37,26 +37,33 @@ class Sampler(NamedTuple):
     sample: `sample(denoise, schedule, rng, x_T=None, *, shape=None, cache=None, **options)`.
     nfe_times: `nfe_times(schedule, **options) -> np.ndarray` (float32, network times per NFE).
     num_nfe: `num_nfe(schedule, **options) -> int`.
+    schedule: the schedule kind it runs on ('linear_discrete', 'vp_continuous', 'sd_discrete').
+    options: the keyword options it takes besides the schedule (`steps` for the continuous
+      samplers is passed by `jaxee.sample` itself).
   """
   name: str
   sample: Callable
   nfe_times: Callable
   num_nfe: Callable
+  schedule: str
+  options: tuple = ()
 
 
 _REGISTRY = {
     "ddpm": Sampler("ddpm", samplers_discrete.ddpm_sample, samplers_discrete.nfe_times,
-                    samplers_discrete.num_nfe),
+                    samplers_discrete.num_nfe, "linear_discrete"),
     "ddim": Sampler("ddim", samplers_discrete.ddim_sample, samplers_discrete.nfe_times,
-                    samplers_discrete.num_nfe),
+                    samplers_discrete.num_nfe, "linear_discrete", ("eta",)),
     "euler_maruyama": Sampler("euler_maruyama", samplers_sde.euler_maruyama_sample,
-                              samplers_sde.nfe_times, samplers_sde.num_nfe),
+                              samplers_sde.nfe_times, samplers_sde.num_nfe, "vp_continuous",
+                              ("eps", "T")),
     "euler_ode": Sampler("euler_ode", samplers_sde.euler_ode_sample, samplers_sde.nfe_times,
-                         samplers_sde.num_nfe),
+                         samplers_sde.num_nfe, "vp_continuous", ("eps", "T")),
     "dpm_solver": Sampler("dpm_solver", dpm_solver.dpm_solver_sample, dpm_solver.nfe_times_fast,
-                          dpm_solver.num_nfe),
+                          dpm_solver.num_nfe, "vp_continuous", ("eps", "T")),
     "dpm_solver_pp": Sampler("dpm_solver_pp", dpm_solver.dpm_solver_pp_sample,
-                             dpm_solver.nfe_times_pp, dpm_solver.num_nfe),
+                             dpm_solver.nfe_times_pp, dpm_solver.num_nfe, "sd_discrete",
+                             ("eps", "T")),
 }
 
 SAMPLERS = tuple(_REGISTRY)
@@ -76,6 +83,11 @@ def get_sampler(name: str) -> Sampler:
     return _REGISTRY[name]
   except KeyError:
     raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLERS}") from None
+
+
+def samplers_for(schedule_kind: str) -> tuple[str, ...]:
+  """The samplers that run on a schedule kind."""
+  return tuple(n for n, s in _REGISTRY.items() if s.schedule == schedule_kind)
 
 
 def nfe_times(name: str, schedule, **options):

@@ -10,13 +10,14 @@
 See `docs/ARCHITECTURE.md` ("Plans and runners") for the protocol (`plan.py`).
 """
 from jaxee.exits.ase import ASE_TABLES, ASEPlan, ase_plan, scale_schedule
-from jaxee.exits.duodiff import DuoDiffPlan, pack_params, sample_split
+from jaxee.exits.composition import ComposedPlan, compose
+from jaxee.exits.duodiff import DuoDiffPlan, pack_params
 from jaxee.exits.masks import MaskPlan, load_mask_plan
 from jaxee.exits.mask_tools import keep_fraction_mask, random_mask, rectify
 from jaxee.exits.plan import BoundPlan, FullPlan
 
-__all__ = ["ASE_TABLES", "ASEPlan", "ase_plan", "scale_schedule", "DuoDiffPlan", "pack_params",
-           "sample_split", "MaskPlan", "load_mask_plan", "keep_fraction_mask", "random_mask",
+__all__ = ["ComposedPlan", "compose", "ASE_TABLES", "ASEPlan", "ase_plan", "scale_schedule", "DuoDiffPlan", "pack_params",
+           "MaskPlan", "load_mask_plan", "keep_fraction_mask", "random_mask",
            "rectify", "BoundPlan", "FullPlan"]
 
 try:  # DeeDiff lives in its own module (separate owner); export it when it imports cleanly.

@@ -39,6 +39,7 @@ Training (§1.4): `ase_forward_masked` runs every block for every sample and kee
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -46,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxee.eval import flops as flops_lib
-from jaxee.exits import ops
 from jaxee.exits import plan as plan_lib
+from jaxee.models import backbone as bb_lib
+from jaxee.models.backbone import as_backbone
 
 # Blocks run per interval [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0] (ASE paper Table 5).
 ASE_TABLES: dict[str, tuple[int, ...]] = {
@@ -66,7 +67,7 @@ ASE_SPEEDUPS: dict[str, float] = {
     "D2-DiT": 0.2343, "D3-DiT": 0.3046, "D4-DiT": 0.3456, "D7-DiT": 0.3892,
     "D1-U-ViT": 0.213, "D2-U-ViT": 0.248, "D3-U-ViT": 0.297, "D6-U-ViT": 0.326,
 }
-# Depth the tables refer to: DiT-XL/2 blocks; U-ViT out-blocks.
+# Depth the tables refer to: DiT-XL/2 blocks; U-ViT out-blocks (the droppable tail).
 REFERENCE_DEPTH = {"dit": 28, "uvit": 6}
 RUNNERS = ("switch", "loop")
 NUM_INTERVALS = 10
@@ -98,63 +99,103 @@ def scale_schedule(schedule: Sequence[int], from_depth: int, to_depth: int) -> t
 
 
 def capacity(model: Any) -> int:
-  """Largest schedule entry the model supports (DiT blocks; U-ViT out-blocks)."""
-  return model.depth if model.family == "dit" else model.num_in_blocks
+  """Largest schedule entry the model supports: the units after `Backbone.tail_start`."""
+  bb = as_backbone(model)
+  return bb.num_units - bb.tail_start
 
 
-@dataclasses.dataclass(frozen=True)
+def _is_concrete(a) -> bool:
+  """True for a host schedule (ints), False inside a trace."""
+  return not plan_lib.is_traced(a)
+
+
+@plan_lib.pytree_plan(data=("schedule",), static=("time_schedule", "runner", "switch_depths"))
 class ASEPlan:
-  """A 10-interval dropping schedule.
+  """A 10-interval dropping schedule (a pytree: the table is a traced leaf).
+
+  `name`, `family` and `speedup` are host metadata (not part of the compiled structure).
 
   Attributes:
-    schedule: blocks run per interval [0, 0.1) → [0.9, 1.0] (U-ViT: out-blocks whose attention
-      and MLP run).
+    schedule: 10 ints, blocks run per interval [0, 0.1) → [0.9, 1.0] (counted from the
+      backbone's `tail_start`: U-ViT out-blocks whose attention and MLP run).
     name: table name or 'custom'.
-    family: 'dit' / 'uvit' when the schedule is family-specific (checked at bind time).
+    family: the backbone family a paper table was written for (checked by `check`).
     time_schedule: time convention for τ (default: the model's `default_schedule`).
     speedup: the paper's reported speed-up (metadata).
-    runner: 'loop' (default; one `fori_loop` with the depth as trip count) or 'switch'
-      (`lax.switch` over one fixed-length loop per distinct depth).
+    runner: 'loop' (default; `fori_loop`s whose trip count is the depth) or 'switch'
+      (`lax.switch` over one fixed-length loop per distinct depth in `switch_depths`).
+    switch_depths: the distinct depths the switch runner compiles (static; filled from the
+      schedule when the runner is 'switch').
   """
-  schedule: tuple[int, ...]
+  schedule: Any
   name: str = "custom"
   family: Optional[str] = None
   time_schedule: Optional[str] = None
   speedup: Optional[float] = None
   runner: str = "loop"
+  switch_depths: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
-    sched = tuple(int(n) for n in self.schedule)
-    object.__setattr__(self, "schedule", sched)
-    if len(sched) != NUM_INTERVALS:
-      raise ValueError(f"an ASE schedule has {NUM_INTERVALS} entries, got {len(sched)}")
-    if min(sched) < 0:
-      raise ValueError(f"negative block count in schedule {sched}")
     if self.runner not in RUNNERS:
       raise ValueError(f"unknown ASE runner {self.runner!r}; choose from {RUNNERS}")
+    if not _is_concrete(self.schedule):
+      return
+    sched = np.asarray(self.schedule)
+    if sched.shape != (NUM_INTERVALS,):
+      raise ValueError(f"an ASE schedule has {NUM_INTERVALS} entries, got {sched.size}")
+    if not np.all(sched == np.round(sched)):
+      raise ValueError(f"ASE schedule entries must be integers, got {sched.tolist()}")
+    sched = tuple(int(n) for n in sched)
+    if min(sched) < 0:
+      raise ValueError(f"negative block count in schedule {sched}")
+    object.__setattr__(self, "schedule", sched)  # a tuple of ints on the host, leaves in a trace
+    if self.runner == "switch" and self.switch_depths is None:
+      object.__setattr__(self, "switch_depths", tuple(sorted(set(sched))))
+
+  @property
+  def table(self) -> tuple[int, ...]:
+    """The schedule as a tuple of ints (concrete plans only)."""
+    return tuple(int(n) for n in np.asarray(self.schedule))
 
   def scaled(self, to_depth: int, from_depth: Optional[int] = None) -> "ASEPlan":
     """The plan rescaled to `to_depth` (see `scale_schedule`)."""
     from_depth = from_depth or REFERENCE_DEPTH.get(self.family or "dit")
-    return dataclasses.replace(self, schedule=scale_schedule(self.schedule, from_depth, to_depth),
-                               name=f"{self.name}@{to_depth}")
+    return dataclasses.replace(self, schedule=scale_schedule(self.table, from_depth, to_depth),
+                               name=f"{self.name}@{to_depth}", switch_depths=None)
 
   def validate(self, model: Any) -> None:
+    """Host check against the model (concrete plans)."""
     if self.family is not None and self.family != model.family:
       raise ValueError(f"ASE schedule {self.name} is for {self.family}, model is {model.family}")
     cap = capacity(model)
-    if max(self.schedule) > cap:
-      what = "blocks" if model.family == "dit" else "out-blocks"
-      raise ValueError(f"ASE schedule {self.name} {self.schedule} runs up to "
-                       f"{max(self.schedule)} {what} but the model has {cap}; rescale it with "
-                       f"plan.scaled({cap}) or ase_plan(name, depth={cap})")
+    if max(self.table) > cap:
+      bb = as_backbone(model)
+      what = "blocks" if not bb.tail_start else f"blocks after the first {bb.tail_start}"
+      raise ValueError(f"ASE schedule {self.name} {self.table} runs up to "
+                       f"{max(self.table)} blocks but the model has {cap} ({what} can be "
+                       f"dropped); rescale it with plan.scaled({cap}) or "
+                       f"ase_plan(name, depth={cap})")
+    if self.switch_depths is not None and not set(self.table) <= set(self.switch_depths):
+      raise ValueError(f"switch runner compiled for depths {self.switch_depths}, schedule "
+                       f"has {sorted(set(self.table))}")
 
-  def depths(self, model: Any, nfe_times) -> np.ndarray:
-    """Blocks run (U-ViT: out-blocks) at each NFE, on the host."""
+  def check(self, model: Any, nfe_times) -> None:
+    plan_lib.check_nfe_times(nfe_times)
+    self.validate(model)
+
+  def intervals(self, model: Any, nfe_times) -> np.ndarray:
+    """Interval index of each NFE (host, from the static time grid)."""
     times = plan_lib.check_nfe_times(nfe_times)
     tau = plan_lib.model_time_to_unit(times.astype(np.float64),
                                       plan_lib.time_schedule(model, self.time_schedule))
-    return np.asarray(self.schedule, np.int32)[interval_index(tau)]
+    return interval_index(tau)
+
+  def depths(self, model: Any, nfe_times):
+    """Droppable blocks run at each NFE (NumPy for concrete plans, traced otherwise)."""
+    idx = self.intervals(model, nfe_times)
+    if _is_concrete(self.schedule):
+      return np.asarray(self.schedule, np.int32)[idx]
+    return jnp.clip(jnp.asarray(self.schedule, jnp.int32)[idx], 0, capacity(model))
 
   def depth_for_time(self, model: Any, t_net) -> jax.Array:
     """Traced per-sample depth for network times `t_net` (for `ase_forward_masked`)."""
@@ -165,20 +206,23 @@ class ASEPlan:
 
   def bind(self, model: Any, params: Any, nfe_times) -> plan_lib.BoundPlan:
     """Compiles the schedule for `nfe_times` and returns the bound runner."""
-    self.validate(model)
+    if not plan_lib.is_traced(self):
+      self.validate(model)
+    bb = as_backbone(model)
     depths = self.depths(model, nfe_times)
-    blocks, flops = _tables(model, depths)
-    distinct = sorted(set(int(d) for d in depths))
-    which = np.asarray([distinct.index(int(d)) for d in depths], np.int32)
-    run = _make_runner(model, params, distinct, which, self.runner)
+    blocks, flops = tables(bb, depths)
+    run = _make_runner(bb, params, jnp.asarray(depths, jnp.int32), self.runner,
+                       self.switch_depths)
 
     def net(x, t_net, y, nfe_index, cache):
       out = run(x, t_net, y, nfe_index)
       return out, cache, plan_lib.stats_from_tables(nfe_index, blocks, flops)
 
-    info = plan_lib.make_info(model, blocks, flops, plan=f"ase:{self.name}", depths=depths,
-                              distinct_depths=distinct, paper_speedup=self.speedup)
-    return plan_lib.BoundPlan(net, plan_lib.no_cache, info)
+    def info():
+      return plan_lib.make_info(model, blocks, flops, plan=f"ase:{self.name}", depths=depths,
+                                distinct_depths=sorted(set(int(d) for d in depths)),
+                                paper_speedup=self.speedup)
+    return plan_lib.BoundPlan(net, plan_lib.no_cache, plan_lib.host_info(self, info))
 
 
 def ase_plan(name: str, depth: Optional[int] = None, **kwargs) -> ASEPlan:
@@ -202,75 +246,61 @@ def ase_plan(name: str, depth: Optional[int] = None, **kwargs) -> ASEPlan:
   return plan
 
 
-def _tables(model: Any, depths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Blocks and FLOPs executed per NFE."""
-  base = flops_lib.embed_flops(model) + flops_lib.head_flops(model)
-  if model.family == "dit":
-    return depths.astype(np.float64), base + depths * flops_lib.block_flops(model)
-  n_in = model.num_in_blocks
-  fixed = (n_in + 1) * flops_lib.block_flops(model)
-  flops = (base + fixed + depths * flops_lib.block_flops(model, "out_block")
-           + (n_in - depths) * flops_lib.block_flops(model, "skip"))
-  return (n_in + 1 + depths).astype(np.float64), flops
+def tables(bb, depths):
+  """Blocks and FLOPs executed per NFE for per-NFE depths (NumPy or traced).
 
-
-def _make_runner(model: Any, params: Any, distinct: list[int], which: np.ndarray, runner: str):
-  """`run(x, t_net, y, nfe_index) -> out` choosing the depth from the host table.
-
-  Both runners index the stacked params dynamically (`ops.take` inside the loop, a dynamic-slice
-  per block, as the full forward's `lax.scan` does), so no branch copies a slice of the params.
+  Units before `bb.tail_start` always run; of the tail, the first `depth` run and the rest are
+  dropped (`bb.drop`, e.g. U-ViT's skip fusion), so FLOPs = embed + head + Σ run + Σ drop.
   """
-  b = ops.Blocks(model)
-  which_j = jnp.asarray(which)
-  depth_j = jnp.asarray(np.asarray(distinct, np.int32)[which])
+  xp = np if isinstance(depths, np.ndarray) else jnp
+  run_cum = np.concatenate([[0.0], np.cumsum(bb.unit_flops)])
+  drop_cum = np.concatenate([[0.0], np.cumsum(bb.drop_flops)])
+  upto = bb.tail_start + depths
+  flops = (bb.embed_flops + bb.head_flops + xp.asarray(run_cum)[upto]
+           + (drop_cum[-1] - xp.asarray(drop_cum)[upto]))
+  return upto.astype(xp.float64 if xp is np else xp.float32), flops
 
-  if model.family == "dit":
-    stack = params["blocks"]
 
-    def blocks_range(start, stop, h, c):
-      # Static bounds lower to a scan, a traced bound to a while loop with that trip count.
-      return jax.lax.fori_loop(start, stop, lambda i, hh: b.dit(ops.take(stack, i), hh, c), h)
+def _make_runner(bb, params: Any, depth_per_nfe, runner: str, switch_depths):
+  """`run(x, t_net, y, nfe_index) -> out` at the depth read from the per-NFE table.
 
-    def prefix(n):
-      return lambda h, c: blocks_range(0, n, h, c)
+  Per segment: units [0, limit) run and [limit, size) are dropped, where limit is the depth
+  (plus `tail_start`) clipped to the segment. 'loop': two `fori_loop`s whose trip counts are
+  traced (while loops; one compiled body whatever the schedule). 'switch': `lax.switch` over one
+  static prefix per distinct depth. Params are indexed inside the loops (a dynamic-slice per
+  block, as the full forward's `lax.scan` does).
+  """
 
-    def loop(h, c, n):
-      return blocks_range(0, n, h, c)
-  else:
-    stack = params["out_blocks"]
-    n_out = model.num_in_blocks
+  def seg_range(seg, lo, hi, state, fn):
+    def body(g, st):
+      for s in range(len(seg.pattern)):
+        st = fn(params, bb_lib.UnitRef(seg, g, s), st)
+      return st
+    return jax.lax.fori_loop(lo, hi, body, state)
 
-    def full_range(start, stop, h, skips):
-      def body(i, hh):
-        return b.uvit_out(ops.take(stack, i), hh, skips[i])
-      return jax.lax.fori_loop(start, stop, body, h)
-
-    def merge_range(start, stop, h, skips):
-      def body(i, hh):
-        return b.uvit_merge(ops.take(stack, i), hh, skips[i])
-      return jax.lax.fori_loop(start, stop, body, h)
-
-    def prefix(n):
-      return lambda h, skips: merge_range(n, n_out, full_range(0, n, h, skips), skips)
-
-    def loop(h, skips, n):
-      return merge_range(n, n_out, full_range(0, n, h, skips), skips)
+  def at_depth(state, depth):
+    limit = bb.tail_start + depth
+    for seg in bb.segments:
+      per = len(seg.pattern)
+      if isinstance(limit, int):
+        cut = min(max(limit - seg.start, 0), seg.size) // per
+      else:
+        cut = jnp.clip(limit - seg.start, 0, seg.size) // per
+      state = seg_range(seg, 0, cut, state, bb.run_unit)
+      state = seg_range(seg, cut, seg.groups, state, bb.drop)
+    return state
 
   def run(x, t_net, y, nfe_index):
-    tokens, ctx = ops.embed(model, params, x, t_net, y)
-    if model.family == "uvit":
-      tokens, skips = b.scan_uvit_in(params["in_blocks"], tokens)
-      tokens = b.uvit_in(params["mid_block"], tokens)
-      ctx_run = skips[::-1]  # out-block i consumes the output of in-block n−1−i (LIFO)
-    else:
-      ctx_run = ctx
+    state = bb.embed(params, x, t_net, y)
     if runner == "loop":
-      tokens = loop(tokens, ctx_run, depth_j[nfe_index])
-    elif len(distinct) == 1:
-      tokens = prefix(distinct[0])(tokens, ctx_run)
+      state = at_depth(state, depth_per_nfe[nfe_index])
     else:
-      tokens = jax.lax.switch(which_j[nfe_index], [prefix(n) for n in distinct], tokens, ctx_run)
-    return ops.head(model, params, tokens, ctx)
+      depths = jnp.asarray(switch_depths, jnp.int32)
+      which = jnp.argmax(depths == depth_per_nfe[nfe_index])
+      branches = [functools.partial(lambda st, d: at_depth(st, d), d=int(d))
+                  for d in switch_depths]
+      state = branches[0](state) if len(branches) == 1 else jax.lax.switch(which, branches, state)
+    return bb.head(params, state)
 
   return run
 
@@ -278,9 +308,10 @@ def _make_runner(model: Any, params: Any, distinct: list[int], which: np.ndarray
 def ase_forward_masked(model: Any, params: Any, x, t, y, depths_per_sample) -> jax.Array:
   """Training-time forward with per-sample depths (`research/ee_methods.md` §1.4).
 
-  Every block runs for every sample; sample i keeps `where(l < n_i, block(x), x)`, so its output
-  equals the n_i-block network and gradients reach only its first n_i blocks (U-ViT: all
-  in-blocks and the mid block, the first n_i out-blocks' attention+MLP, every `skip_linear`).
+  Every unit runs for every sample; sample i keeps `where(l < n_i, run(x), drop(x))` per tail
+  unit l, so its output equals the n_i-block network and gradients reach only the units sample
+  i uses (U-ViT: all in-blocks and the mid block, the first n_i out-blocks' attention+MLP,
+  every `skip_linear`).
 
   Args:
     model: backbone.
@@ -288,33 +319,18 @@ def ase_forward_masked(model: Any, params: Any, x, t, y, depths_per_sample) -> j
     x: (B, H, W, C) input.
     t: (B,) network times.
     y: labels or None.
-    depths_per_sample: (B,) int blocks (U-ViT: out-blocks) to run per sample.
+    depths_per_sample: (B,) int droppable blocks to run per sample.
 
   Returns:
     (B, H, W, C_out).
   """
-  b = ops.Blocks(model)
-  n = jnp.asarray(depths_per_sample, jnp.int32)
-  tokens, ctx = ops.embed(model, params, x, t, y)
+  bb = as_backbone(model)
+  limit = bb.tail_start + jnp.asarray(depths_per_sample, jnp.int32)
 
-  def keep(l, new, old):
-    return jnp.where((l < n)[:, None, None], new, old)
+  def unit(ref, st):
+    ran = bb.run_unit(params, ref, st)
+    if ref.segment.stop <= bb.tail_start:
+      return ran
+    return bb_lib.select_state(ref.index < limit, ran, bb.drop(params, ref, st))
 
-  if model.family == "dit":
-    def body(h, lp):
-      l, p = lp
-      return keep(l, b.dit(p, h, ctx), h), None
-    stack = params["blocks"]
-    tokens = jax.lax.scan(body, tokens, (jnp.arange(ops.stack_len(stack)), stack))[0]
-  else:
-    tokens, skips = b.scan_uvit_in(params["in_blocks"], tokens)
-    tokens = b.uvit_in(params["mid_block"], tokens)
-
-    def body(h, lps):
-      l, p, skip = lps
-      merged = b.uvit_merge(p, h, skip)
-      return keep(l, b.uvit_body(p, merged, True), merged), None
-    stack = params["out_blocks"]
-    tokens = jax.lax.scan(body, tokens, (jnp.arange(ops.stack_len(stack)), stack,
-                                         skips[::-1]))[0]
-  return ops.head(model, params, tokens, ctx)
+  return bb.head(params, bb_lib.for_units(bb, bb.embed(params, x, t, y), unit))

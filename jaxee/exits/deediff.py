@@ -1,102 +1,123 @@
 """DeeDiff / AdaDiff early exits with per-layer heads and uncertainty modules, three runners.
 
 Reproduces the inference rule of `razvanmatisan/duodiff` `eesampler.py:get_samples`
-(`research/ee_methods.md` §2.1, §2.6–2.8) for DiT and U-ViT: one head g_k and one UEM u_k sit at
-the INPUT of every block k, k = 0..L−1 in execution order (U-ViT: in-blocks, mid, out-blocks);
-exit k = number of blocks executed, and k = L is the backbone's own head. A sample exits at the
-first k with u_k ≤ θ (θ ∈ [0, 1]); there is no minimum exit layer. U-ViT exits discard the pending
-encoder skips: no `skip_linear` runs for an out-block that is not executed (§2.8). Heads and UEMs
-(the paper's timestep-aware u = sigmoid(wᵀ[L_i, e(t)] + b) and the public per-token
-linear + sigmoid averaged over tokens) are in `deediff_heads.py`.
+(`research/ee_methods.md` §2.1, §2.6–2.8), written once against the backbone contract
+(`jaxee/models/backbone.py`) at `'block'` granularity: one head g_k and one UEM u_k sit at the
+INPUT of every unit k, k = 0..L−1 in execution order (L = `bb.num_units`; U-ViT: in-blocks, mid,
+out-blocks); exit k = number of blocks executed, and k = L is the backbone's own head
+(`bb.head`). A sample exits at the first k with u_k ≤ θ (θ ∈ [0, 1]); there is no minimum exit
+layer. An exit reads only the token stream `state['h']` (and `bb.exit_context(state)`), so a
+U-ViT exit discards the pending encoder skips: no `skip_linear` runs for an out-block that is not
+executed (§2.8). Heads and UEMs (the paper's timestep-aware u = sigmoid(wᵀ[L_i, e(t)] + b) and the
+public per-token linear + sigmoid averaged over tokens) are in `deediff_heads.py`.
 
 Runners (`research/jax_style.md` §4.3):
 
 * `mode='exact'`: the original's "simulated" exit (§2.7) — every block, head and UEM runs, then
   each sample selects its own exit. The quality reference; nothing is skipped.
-* `mode='batched'`: one `lax.while_loop` per block segment (DiT: one; U-ViT: in, mid, out) over
-  dynamically indexed stacked params. After each block the UEM of the next exit is evaluated; the
-  loop stops (a scalar, batch-level predicate) once a fraction ≥ `min_fraction` of the batch has
-  exited, so the remaining blocks are never run. A sample keeps the output of its own first exit;
-  with `min_fraction < 1`, the samples still running when the loop stops exit there (forced exit
-  at the current layer). An exit head runs (on the whole batch, under a scalar `lax.cond`) only
-  at layers where some sample exits; the backbone head only if some sample reaches k = L. With
-  `min_fraction=1` the output equals `exact` (≤ 1e-6).
+* `mode='batched'`: one `lax.while_loop` per `bb.segments` segment over its groups, running
+  `bb.run_unit(params, UnitRef(seg, g), state)` with a traced g. After each block the UEM of the
+  next exit is evaluated; the loop stops (a scalar, batch-level predicate) once a fraction
+  ≥ `min_fraction` of the batch has exited, so the remaining blocks are never run. A sample keeps
+  the output of its own first exit; with `min_fraction < 1`, the samples still running when the
+  loop stops exit there (forced exit at the current layer). An exit head runs (on the whole
+  batch, under a scalar `lax.cond`) only at layers where some sample exits; the backbone head
+  only if some sample reaches k = L. With `min_fraction=1` the output equals `exact` (≤ 1e-6).
 * `mesh=...`: the chosen runner under `jax.shard_map` over the batch axis (`plan.shard_net`), so
   every device stops at its own layer; stats are averaged over devices.
 
-The plan carries its own head/UEM params (`DeeDiffPlan.ee_params`), so
+`DeeDiffPlan` is a pytree (`plan.pytree_plan`): the head/UEM params, θ and `min_fraction` are
+leaves, traced inside `jaxee.sample`, so a θ sweep compiles once; `check` validates on the host.
 `jaxee.sample(model, backbone_params, rng, plan=DeeDiffPlan(ee_params, ...))` works with every
 sampler and with CFG (the exit is then decided per row of the doubled batch [cond; uncond]).
 
 Stats per network call: `blocks` (blocks run per sample), `exit` (mean exit index), `heads`
-(exit-head evaluations), `flops` (per sample: embedding, blocks, UEMs, heads; `eval/flops.py`).
+(exit-head evaluations), `flops` (per sample: embedding, blocks, UEMs, heads). Backbone FLOPs are
+the contract's `embed_flops`, `unit_flops`, `head_flops`; an exit head's or UEM's FLOPs are counted
+generically (`kernel_flops`): 2·(positions)·(kernel size) for every Dense/Conv kernel the module
+applies to a batch-1 input (positions = the output's non-feature, non-batch extent: tokens,
+pixels, or 1 for a pooled/conditioning vector); normalisations and activations are not counted,
+as in `eval/flops.py`.
 
 `benchmark_plan` builds a plan with scripted timestep-aware UEMs (exits that depend only on t, the
 same for the whole batch) for timing the batched runner with random or converted backbones.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxee.eval import flops as flops_lib
 from jaxee.exits import deediff_heads as heads_lib
-from jaxee.exits import ops
 from jaxee.exits import plan as plan_lib
-from jaxee.models import layers
+from jaxee.models.backbone import UnitRef, take
 
 MODES = ("exact", "batched")
+# Head/UEM helpers live in `deediff_heads.py`; re-exported here, their historical home.
 init_deediff_params = heads_lib.init_deediff_params
+validate_threshold = heads_lib.validate_threshold
+kernel_flops = heads_lib.kernel_flops
+exit_head_flops = heads_lib.exit_head_flops
+uem_flops = heads_lib.uem_flops
+predict_exits = heads_lib.predict_exits
+scripted_uem_params = heads_lib.scripted_uem_params
 
 
-def validate_threshold(threshold) -> float:
-  """θ as a float; ValueError unless it is a finite number in [0, 1]."""
+def _validate_min_fraction(value) -> float:
   try:
-    value = float(threshold)
+    frac = float(value)
   except (TypeError, ValueError):
-    raise ValueError(f"DeeDiff threshold θ must be a number in [0, 1], got {threshold!r}") from None
-  if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-    raise ValueError(f"DeeDiff threshold θ must be in [0, 1], got {threshold!r}")
-  return value
-
-
-def exit_head_flops(model: Any) -> float:
-  """FLOPs of one exit head per sample (`DiTExitHead` / `UViTExitHead`)."""
-  d, n = heads_lib.width(model), flops_lib.num_tokens(model)
-  if model.family == "dit":
-    return 2.0 * d * 2 * d + 2.0 * n * d * model.patch_size ** 2 * model.out_channels
-  c = model.in_chans
-  return (2.0 * model.num_patches * d * model.patch_size ** 2 * c
-          + 2.0 * model.img_size ** 2 * 9 * c * c)
-
-
-def uem_flops(model: Any, kind: str) -> float:
-  """FLOPs of one UEM per sample: N·D products (token_mean) or 2D (timestep_aware)."""
-  d = heads_lib.width(model)
-  return 2.0 * flops_lib.num_tokens(model) * d if kind == "token_mean" else 4.0 * d
+    raise ValueError(f"min_fraction must be a number in (0, 1], got {value!r}") from None
+  if not 0.0 < frac <= 1.0:
+    raise ValueError(f"min_fraction must be in (0, 1], got {value}")
+  return frac
 
 
 def blocks_flops_upto(model: Any, k: int) -> float:
-  """FLOPs of the first k blocks in execution order (U-ViT out-blocks include `skip_linear`)."""
-  if model.family == "dit":
-    return k * flops_lib.block_flops(model)
-  plain = min(k, model.num_in_blocks + 1)
-  return (plain * flops_lib.block_flops(model)
-          + (k - plain) * flops_lib.block_flops(model, "out_block"))
+  """FLOPs of the first k blocks in execution order (`bb.unit_flops`; U-ViT out-blocks include
+  `skip_linear`)."""
+  return float(np.sum(heads_lib.backbone(model).unit_flops[:k]))
 
 
 def exit_flops(model: Any, k: int, uem: str) -> float:
   """Per-sample FLOPs of a batch that all exits at k in the batched runner."""
-  num = heads_lib.num_exits(model)
+  bb = heads_lib.backbone(model)
+  num = bb.num_units
   tests = min(k + 1, num)
-  out_head = exit_head_flops(model) if k < num else flops_lib.head_flops(model)
-  return (flops_lib.embed_flops(model) + blocks_flops_upto(model, k) + tests * uem_flops(model, uem)
-          + out_head)
+  out_head = exit_head_flops(model) if k < num else bb.head_flops
+  return float(bb.embed_flops + blocks_flops_upto(model, k) + tests * uem_flops(model, uem)
+               + out_head)
+
+
+def hidden_states(model: Any, params: Any, x, t, y):
+  """Runs every block; returns (final state, block-input tokens (L, B, N, D), exit contexts).
+
+  Entry k of the tokens (and of the exit contexts, stacked on a leading L axis; None when the
+  backbone has none) is taken at the input of unit k, i.e. after k blocks. One `lax.scan` per
+  segment, so training differentiates through it.
+  """
+  bb = heads_lib.backbone(model)
+  state = bb.embed(params, x, t, y)
+  hs, ctxs = [], []
+  for seg in bb.segments:
+    if seg.groups == 0:
+      continue
+
+    def body(st, g, seg=seg):
+      outs = []
+      for s in range(len(seg.pattern)):
+        outs.append((st["h"], bb.exit_context(st)))
+        st = bb.run_unit(params, UnitRef(seg, g, s), st)
+      return st, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    state, (h, ctx) = jax.lax.scan(body, state, jnp.arange(seg.groups, dtype=jnp.int32))
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  (groups, subs) -> units
+    hs.append(flat(h))
+    ctxs.append(jax.tree.map(flat, ctx))
+  cat = lambda *a: jnp.concatenate(a, axis=0)  # noqa: E731
+  return state, cat(*hs), jax.tree.map(cat, *ctxs)
 
 
 def forward_all_exits(model: Any, params: Any, ee_params: Any, x, t, y,
@@ -104,7 +125,7 @@ def forward_all_exits(model: Any, params: Any, ee_params: Any, x, t, y,
   """Every block, every exit head and every UEM (training and the `exact` runner).
 
   Args:
-    model: backbone.
+    model: backbone (any implementation of the contract).
     params: backbone params.
     ee_params: `init_deediff_params(...)` pytree.
     x, t, y: network inputs ((B, H, W, C), (B,), labels or None).
@@ -113,16 +134,18 @@ def forward_all_exits(model: Any, params: Any, ee_params: Any, x, t, y,
   Returns:
     (final output (B, H, W, C_out), exit head outputs (L, B, H, W, C_out), u (L, B)).
   """
-  states, final, ctx = ops.hidden_states(model, params, x, t, y)
+  bb = heads_lib.backbone(model)
+  final, states, ctxs = hidden_states(model, params, x, t, y)
   head, probe = heads_lib.make_head(model), heads_lib.make_uem(model, uem)
   t_emb = heads_lib.time_features(model, t)
-  outs = jax.vmap(lambda p, s: head.apply({"params": p}, s, ctx))(ee_params["heads"], states)
+  outs = jax.vmap(lambda p, s, c: head.apply({"params": p}, s, c))(ee_params["heads"], states,
+                                                                   ctxs)
   u = jax.vmap(lambda p, s: probe.apply({"params": p}, s, t_emb))(ee_params["uems"], states)
-  return ops.head(model, params, final, ctx), outs, u
+  return bb.head(params, final), outs, u
 
 
-def first_exit(u, threshold: float):
-  """Per-sample first k with u_k ≤ θ, or L when there is none; `u` is (L, B)."""
+def first_exit(u, threshold):
+  """Per-sample first k with u_k ≤ θ, or L when there is none; `u` is (L, B), θ may be traced."""
   hit = u <= threshold
   return jnp.where(hit.any(axis=0), jnp.argmax(hit, axis=0), u.shape[0]).astype(jnp.int32)
 
@@ -134,40 +157,10 @@ def select_exit(final, outs, k):
   return jnp.take_along_axis(cands, idx, axis=0)[0]
 
 
-def predict_exits(model: Any, ee_params: Any, uem: str, threshold: float, nfe_times):
-  """Exit index per NFE when the exits cannot depend on the tokens, else None.
-
-  That is the case for timestep-aware UEMs whose weights on the pooled tokens are all zero
-  (`scripted_uem_params`): u_k is then a function of t only and the whole batch exits at the
-  same layer. Computed on the host in float64 (a θ hit within float32 rounding of a layer's u
-  could flip at run time).
-  """
-  if uem != "timestep_aware":
-    return None
-  try:
-    kernel = np.asarray(ee_params["uems"]["linear"]["kernel"], np.float64)[..., 0]  # (L, 2D)
-    bias = np.asarray(ee_params["uems"]["linear"]["bias"], np.float64)[..., 0]  # (L,)
-  except jax.errors.TracerArrayConversionError:  # params traced: nothing to predict on the host
-    return None
-  d = heads_lib.width(model)
-  if np.any(kernel[:, :d] != 0):
-    return None
-  half = d // 2
-  freqs = layers.timestep_frequencies(half).astype(np.float32)
-  times = np.asarray(nfe_times, np.float32)
-  args = (times[:, None] * freqs[None]).astype(np.float64)
-  emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
-  if d % 2:
-    emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
-  logits = emb @ kernel[:, d:].T + bias[None]  # (NFE, L)
-  u = 1.0 / (1.0 + np.exp(-logits))
-  hit = u <= threshold
-  return np.where(hit.any(axis=1), np.argmax(hit, axis=1), kernel.shape[0]).astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
+@plan_lib.pytree_plan(data=("ee_params", "threshold", "min_fraction"),
+                      static=("mode", "uem", "mesh", "axis_name"))
 class DeeDiffPlan:
-  """Early exit on per-layer uncertainty (compared and hashed by identity: it holds arrays).
+  """Early exit on per-layer uncertainty; a pytree (θ, `min_fraction`, params are leaves).
 
   Attributes:
     ee_params: heads and UEMs (`init_deediff_params`), leaves stacked over the L exits.
@@ -175,23 +168,27 @@ class DeeDiffPlan:
     mode: 'exact' (all layers run, per-sample selection) or 'batched' (while-loop exit).
     min_fraction: batched mode stops once this fraction of the (per-device) batch has exited.
     uem: UEM kind of `ee_params`: 'token_mean' (public code) or 'timestep_aware' (paper).
-    mesh: optional mesh; the runner then runs per device under `jax.shard_map`.
+    mesh: optional mesh (static); the runner then runs per device under `jax.shard_map`.
     axis_name: the mesh axis the batch is split over.
   """
   ee_params: Any
-  threshold: float = 0.08
+  threshold: Any = 0.08
   mode: str = "batched"
-  min_fraction: float = 1.0
+  min_fraction: Any = 1.0
   uem: str = "token_mean"
   mesh: Optional[jax.sharding.Mesh] = None
   axis_name: str = "data"
 
   def __post_init__(self):
-    validate_threshold(self.threshold)
+    # Concrete θ / min_fraction are validated and stored as Python floats (one weak-f32 leaf
+    # type, so plans built from Python or NumPy numbers share a compiled sampler); traced
+    # values (a plan built inside a trace) are left alone.
+    if not plan_lib.is_traced(self.threshold):
+      object.__setattr__(self, "threshold", validate_threshold(self.threshold))
+    if not plan_lib.is_traced(self.min_fraction):
+      object.__setattr__(self, "min_fraction", _validate_min_fraction(self.min_fraction))
     if self.mode not in MODES:
       raise ValueError(f"unknown DeeDiff mode {self.mode!r}; choose from {MODES}")
-    if not 0.0 < float(self.min_fraction) <= 1.0:
-      raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
     if self.uem not in heads_lib.UEM_KINDS:
       raise ValueError(f"unknown UEM {self.uem!r}; choose from {heads_lib.UEM_KINDS}")
     if self.mesh is not None and self.axis_name not in self.mesh.axis_names:
@@ -199,60 +196,74 @@ class DeeDiffPlan:
 
   @property
   def name(self) -> str:
-    return f"deediff:{self.mode}:{self.uem}:theta={self.threshold}"
+    theta = "traced" if plan_lib.is_traced(self.threshold) else self.threshold
+    return f"deediff:{self.mode}:{self.uem}:theta={theta}"
+
+  def check(self, model: Any, nfe_times) -> None:
+    """Host validation before tracing: the NFE grid, the head/UEM params, θ, min_fraction."""
+    plan_lib.check_nfe_times(nfe_times)
+    heads_lib.check_deediff_params(model, self.ee_params, self.uem)
+    if not plan_lib.is_traced(self.threshold):
+      validate_threshold(self.threshold)
+    if not plan_lib.is_traced(self.min_fraction):
+      _validate_min_fraction(self.min_fraction)
 
   def bind(self, model: Any, params: Any, nfe_times) -> plan_lib.BoundPlan:
-    """Binds the runner.
+    """Binds the runner (θ, min_fraction and the head/UEM params may be traced).
 
-    `info` has `exits_predicted`; when True (t-only UEMs) `exits_per_nfe`, `blocks_per_nfe`,
-    `flops_per_nfe` and `ideal_saving` are exact for the batched runner; otherwise the tables are
-    upper bounds (all layers) and `ideal_saving` is NaN — take it from the run's stats with
-    `ideal_saving_from_stats`.
+    `info` (None when the plan is traced) has `exits_predicted`; when True (t-only UEMs)
+    `exits_per_nfe`, `blocks_per_nfe`, `flops_per_nfe` and `ideal_saving` are exact for the
+    batched runner; otherwise the tables are upper bounds (all layers) and `ideal_saving` is NaN
+    — take it from the run's stats with `ideal_saving_from_stats`.
     """
     times = plan_lib.check_nfe_times(nfe_times)
-    heads_lib.check_deediff_params(model, self.ee_params, self.uem)
-    theta = validate_threshold(self.threshold)
+    heads_lib.check_deediff_params(model, self.ee_params, self.uem)  # shapes only
     num = heads_lib.num_exits(model)
-    per_exit = exit_head_flops(model) + uem_flops(model, self.uem)
-    full = flops_lib.backbone_flops(model)
-    exits = predict_exits(model, self.ee_params, self.uem, theta, times)
+    full = heads_lib.backbone(model).full_flops
+    exact_flops = full + num * (exit_head_flops(model) + uem_flops(model, self.uem))
     if self.mode == "exact":
-      net = _exact_net(self, model, params, full + num * per_exit)
-      blocks = np.full(len(times), num, np.float64)
-      flops = np.full(len(times), full + num * per_exit)
+      net = _exact_net(self, model, params, exact_flops)
     else:
       net = _batched_net(self, model, params)
-      if exits is None:
-        blocks = np.full(len(times), num, np.float64)
-        flops = np.full(len(times), exit_flops(model, num, self.uem))
-      else:
-        blocks = exits.astype(np.float64)
-        flops = np.array([exit_flops(model, int(k), self.uem) for k in exits])
     if self.mesh is not None:
       net = plan_lib.shard_net(net, self.mesh, self.axis_name)
+    info = plan_lib.host_info(self, lambda: self._info(model, times, exact_flops))
+    return plan_lib.BoundPlan(net, plan_lib.no_cache, info)
+
+  def _info(self, model: Any, times: np.ndarray, exact_flops: float) -> dict:
+    num = heads_lib.num_exits(model)
+    exits = predict_exits(model, self.ee_params, self.uem, self.threshold, times)
+    if self.mode == "exact":
+      blocks = np.full(len(times), num, np.float64)
+      flops = np.full(len(times), exact_flops)
+    elif exits is None:
+      blocks = np.full(len(times), num, np.float64)
+      flops = np.full(len(times), exit_flops(model, num, self.uem))
+    else:
+      blocks = exits.astype(np.float64)
+      flops = np.array([exit_flops(model, int(k), self.uem) for k in exits])
     info = plan_lib.make_info(model, blocks, flops, plan=self.name, dynamic=True,
                               exits_predicted=exits is not None)
     if exits is not None:
       info["exits_per_nfe"] = exits
     elif self.mode == "batched":
       info["ideal_saving"] = float("nan")
-    return plan_lib.BoundPlan(net, plan_lib.no_cache, info)
+    return info
 
 
 def ideal_saving_from_stats(model: Any, stats: dict) -> float:
   """1 − mean executed FLOPs / full backbone FLOPs, from a run's per-NFE `stats['flops']`."""
   return float(1.0 - np.mean(np.asarray(stats["flops"], np.float64))
-               / flops_lib.backbone_flops(model))
+               / heads_lib.backbone(model).full_flops)
 
 
 def _exact_net(plan: DeeDiffPlan, model: Any, params: Any, flops: float):
   num = heads_lib.num_exits(model)
-  theta = validate_threshold(plan.threshold)
 
   def net(x, t_net, y, nfe_index, cache):
     del nfe_index
     final, outs, u = forward_all_exits(model, params, plan.ee_params, x, t_net, y, plan.uem)
-    k = first_exit(u, theta)
+    k = first_exit(u, jnp.asarray(plan.threshold, jnp.float32))
     stats = {"blocks": jnp.float32(num), "exit": k.astype(jnp.float32).mean(),
              "heads": jnp.float32(num), "flops": jnp.float32(flops)}
     return select_exit(final, outs, k), cache, stats
@@ -262,142 +273,85 @@ def _exact_net(plan: DeeDiffPlan, model: Any, params: Any, flops: float):
 
 def _batched_net(plan: DeeDiffPlan, model: Any, params: Any):
   """The while-loop runner (see the module docstring)."""
-  blk = ops.Blocks(model)
+  bb = heads_lib.backbone(model)
+  if any(len(seg.pattern) != 1 for seg in bb.segments):
+    raise ValueError("the DeeDiff runner needs one unit per block ('block' granularity)")
   head, probe = heads_lib.make_head(model), heads_lib.make_uem(model, plan.uem)
   hp, up = plan.ee_params["heads"], plan.ee_params["uems"]
-  num = heads_lib.num_exits(model)
+  num = bb.num_units
   f_head, f_uem = exit_head_flops(model), uem_flops(model, plan.uem)
-  f_final = flops_lib.head_flops(model)
-  theta, min_frac = validate_threshold(plan.threshold), float(plan.min_fraction)
-  if model.family == "dit":
-    segments = [("dit", params["blocks"], flops_lib.block_flops(model))]
-    n_in = 0
-  else:
-    segments = [("in", params["in_blocks"], flops_lib.block_flops(model)),
-                ("mid", ops.stack_one(params["mid_block"]), flops_lib.block_flops(model)),
-                ("out", params["out_blocks"], flops_lib.block_flops(model, "out_block"))]
-    n_in = model.num_in_blocks
-
-  def run_block(kind, stack, j, h, skips, ctx):
-    p = ops.take(stack, j)
-    if kind == "dit":
-      return blk.dit(p, h, ctx), skips
-    if kind == "in":
-      h = blk.uvit_in(p, h)
-      return h, jax.lax.dynamic_update_index_in_dim(skips, h, j, 0)
-    if kind == "mid":
-      return blk.uvit_in(p, h), skips
-    skip = jax.lax.dynamic_index_in_dim(skips, n_in - 1 - j, 0, keepdims=False)
-    return blk.uvit_out(p, h, skip), skips
-
-  def exit_test(k, h, ctx, t_emb, dec):
-    """UEM k on h; newly exited samples (and, when stopping, the rest) take head k."""
-    out, exited, exit_k, flops, heads = dec
-    u = probe.apply({"params": ops.take(up, k)}, h, t_emb)
-    new = (u <= theta) & ~exited
-    exited = exited | new
-    done = jnp.mean(exited.astype(jnp.float32)) >= min_frac
-    take = new | (done & ~exited)
-    any_take = jnp.any(take)
-    mask = take.reshape((-1,) + (1,) * (out.ndim - 1))
-    out = jax.lax.cond(any_take,
-                       lambda o: jnp.where(mask, head.apply({"params": ops.take(hp, k)}, h, ctx),
-                                           o),
-                       lambda o: o, out)
-    used = any_take.astype(jnp.float32)
-    dec = (out, exited | take, jnp.where(take, k, exit_k), flops + f_uem + f_head * used,
-           heads + used)
-    return dec, done
+  unit_flops = np.asarray(bb.unit_flops, np.float32)
 
   def net(x, t_net, y, nfe_index, cache):
     del nfe_index
-    tokens, ctx = ops.embed(model, params, x, t_net, y)
+    theta = jnp.asarray(plan.threshold, jnp.float32)
+    min_frac = jnp.asarray(plan.min_fraction, jnp.float32)
+    f_units = jnp.asarray(unit_flops)
     t_emb = heads_lib.time_features(model, t_net) if plan.uem == "timestep_aware" else None
+
+    def exit_test(k, st, dec):
+      """UEM k on the stream; newly exited samples (and, when stopping, the rest) take head k."""
+      out, exited, exit_k, flops, heads = dec
+      h, ctx = st["h"], bb.exit_context(st)
+      u = probe.apply({"params": take(up, k)}, h, t_emb)
+      new = (u <= theta) & ~exited
+      exited = exited | new
+      done = jnp.mean(exited.astype(jnp.float32)) >= min_frac
+      chosen = new | (done & ~exited)
+      any_taken = jnp.any(chosen)
+      mask = chosen.reshape((-1,) + (1,) * (out.ndim - 1))
+      out = jax.lax.cond(
+          any_taken,
+          lambda o: jnp.where(mask, head.apply({"params": take(hp, k)}, h, ctx), o),
+          lambda o: o, out)
+      used = any_taken.astype(jnp.float32)
+      dec = (out, exited | chosen, jnp.where(chosen, k, exit_k), flops + f_uem + f_head * used,
+             heads + used)
+      return dec, done
+
+    st = bb.embed(params, x, t_net, y)
     bsz = x.shape[0]
-    out_shape = jax.eval_shape(lambda: head.apply({"params": ops.take(hp, 0)}, tokens, ctx))
-    skips = (jnp.zeros((n_in,) + tokens.shape, tokens.dtype) if n_in
-             else jnp.zeros((), tokens.dtype))
+    out_shape = jax.eval_shape(
+        lambda: head.apply({"params": take(hp, 0)}, st["h"], bb.exit_context(st)))
     dec = (jnp.zeros(out_shape.shape, out_shape.dtype), jnp.zeros((bsz,), bool),
-           jnp.full((bsz,), num, jnp.int32), jnp.float32(flops_lib.embed_flops(model)),
-           jnp.float32(0))
-    dec, done = exit_test(jnp.int32(0), tokens, ctx, t_emb, dec)
-    state = (jnp.int32(0), tokens, skips, dec, done)
+           jnp.full((bsz,), num, jnp.int32), jnp.float32(bb.embed_flops), jnp.float32(0))
+    dec, done = exit_test(jnp.int32(0), st, dec)
+    carry = (jnp.int32(0), st, dec, done)
 
-    for kind, stack, f_block in segments:
-      seg_len = ops.stack_len(stack)
+    for seg in bb.segments:
+      if seg.groups == 0:
+        continue
 
-      def cond_fn(s, seg_len=seg_len):
-        j, (_, _, _, _, done) = s[0], s[1]
-        return jnp.logical_and(~done, j < seg_len)
+      def cond_fn(s, seg=seg):
+        j, (_, _, _, done) = s
+        return jnp.logical_and(~done, j < seg.groups)
 
-      def body_fn(s, kind=kind, stack=stack, f_block=f_block):
-        j, (k, h, skips, dec, done) = s
-        h, skips = run_block(kind, stack, j, h, skips, ctx)
+      def body_fn(s, seg=seg):
+        j, (k, st, dec, done) = s
+        ref = UnitRef(seg, j, 0)
+        st = bb.run_unit(params, ref, st)
         k = k + 1
         out, exited, exit_k, flops, heads = dec
-        dec = (out, exited, exit_k, flops + f_block, heads)
-        dec, done = jax.lax.cond(k < num, lambda d: exit_test(k, h, ctx, t_emb, d),
+        dec = (out, exited, exit_k, flops + f_units[ref.index], heads)
+        dec, done = jax.lax.cond(k < num, lambda d: exit_test(k, st, d),
                                  lambda d: (d, done), dec)
-        return j + 1, (k, h, skips, dec, done)
+        return j + 1, (k, st, dec, done)
 
-      state = jax.lax.while_loop(cond_fn, body_fn, (jnp.int32(0), state))[1]
+      carry = jax.lax.while_loop(cond_fn, body_fn, (jnp.int32(0), carry))[1]
 
-    k, h, _, (out, exited, exit_k, flops, heads), _ = state
-    # Samples that never exited ran all L blocks and take the backbone's own head.
+    k, st, (out, exited, exit_k, flops, heads), _ = carry
+    # Samples that never exited ran all L blocks and take the backbone's own head (which reads
+    # only the stream: U-ViT's pending skips are discarded, §2.8).
     need_final = ~jnp.all(exited)
     mask = exited.reshape((-1,) + (1,) * (out.ndim - 1))
-    out = jax.lax.cond(need_final,
-                       lambda o: jnp.where(mask, o, ops.head(model, params, h, ctx)),
+    out = jax.lax.cond(need_final, lambda o: jnp.where(mask, o, bb.head(params, st)),
                        lambda o: o, out)
-    flops = flops + f_final * need_final.astype(jnp.float32)
+    flops = flops + bb.head_flops * need_final.astype(jnp.float32)
     stats = {"blocks": k.astype(jnp.float32), "exit": exit_k.astype(jnp.float32).mean(),
              "heads": heads, "flops": flops}
     return out, cache, stats
 
   return net
-
-
-def scripted_uem_params(model: Any, ee_params: Any, threshold: float, depth_at_noise: float,
-                        depth_at_clean: Optional[float] = None, sharpness: float = 8.0,
-                        schedule: Optional[str] = None) -> dict:
-  """Timestep-aware UEM params whose exit layer is a chosen linear function of τ (benchmarks).
-
-  With random backbones u carries no information, so a benchmark of the batched runner needs a
-  controlled exit pattern. The UEM u_k = sigmoid(wᵀ[pool, e(t)] + b_k) gets w = 0 on the pooled
-  tokens (u is then the same for the whole batch) and weight only on the lowest-frequency sine of
-  e(t), sin(f·t) ≈ f·t (f·t ≤ 0.18 for D ≥ 32, so the error is < 0.6 %), which makes the logit
-  linear in τ: u_k ≤ θ ⟺ k ≥ K(τ) − 1/2 with K(τ) = depth_at_clean + (depth_at_noise −
-  depth_at_clean)·τ, i.e. the batch exits at round(K(τ)) (k ≥ L: the full network).
-
-  Args:
-    model: backbone.
-    ee_params: params from `init_deediff_params(..., uem='timestep_aware')` (heads are kept).
-    threshold: the θ the plan will use, in (0, 1).
-    depth_at_noise: exit layer K at τ = 1.
-    depth_at_clean: exit layer K at τ = 0 (default L, i.e. no exit near the data).
-    sharpness: logit slope per layer.
-    schedule: time convention mapping network time to τ (default the model's).
-
-  Returns:
-    ee_params with the UEM weights replaced.
-  """
-  theta = validate_threshold(threshold)
-  if not 0.0 < theta < 1.0:
-    raise ValueError(f"scripted UEMs need 0 < θ < 1, got {threshold}")
-  heads_lib.check_deediff_params(model, ee_params, "timestep_aware")
-  num = heads_lib.num_exits(model)
-  d = heads_lib.width(model)
-  k_clean = float(num if depth_at_clean is None else depth_at_clean)
-  per_unit = float(plan_lib.model_time_to_unit(1.0, plan_lib.time_schedule(model, schedule)))
-  freqs = layers.timestep_frequencies(d // 2)
-  idx = int(np.argmin(freqs))
-  f = float(freqs[idx])
-  logit_theta = math.log(theta / (1.0 - theta))
-  kernel = np.zeros((num, 2 * d, 1), np.float32)
-  kernel[:, d + d // 2 + idx, 0] = sharpness * (depth_at_noise - k_clean) * per_unit / f
-  bias = (sharpness * (k_clean - np.arange(num) - 0.5) + logit_theta).astype(np.float32)
-  uems = {"linear": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)[:, None]}}
-  return dict(ee_params, uems=uems)
 
 
 def benchmark_plan(model: Any, params: Any, rng, *, exit_layer_at_noise: Optional[float] = None,

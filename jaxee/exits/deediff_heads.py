@@ -1,35 +1,46 @@
-"""DeeDiff / AdaDiff exit heads and uncertainty estimation modules (UEMs).
+"""DeeDiff / AdaDiff exit heads and uncertainty estimation modules (UEMs), for any backbone.
 
 Reproduces `razvanmatisan/duodiff` `models/early_exit.py` (`OutputHead`, `MLPProbe`) as described
 in `research/ee_methods.md` §2.2–2.3, and the UEM of the DeeDiff paper (Tang et al. 2023, Eq. for
-u_{i,t} = f(w_tᵀ[L_{i,t}, timesteps] + b_t), quoted in §2.2):
+u_{i,t} = f(w_tᵀ[L_{i,t}, timesteps] + b_t), quoted in §2.2). Everything is read from the backbone
+contract (`jaxee/models/backbone.py`) at `'block'` granularity, with no per-family code:
 
-* `UViTExitHead`: LayerNorm(D, eps 1e-5, affine) → Linear(D→p²·C) → drop the `extras` tokens →
-  unpatchify → Conv2d(C→C, 3×3, pad 1).
-* `DiTExitHead`: shaped like DiT's `FinalLayer` — adaLN (SiLU → Linear(D→2D), shift then scale),
-  LayerNorm without affine (eps 1e-6), Linear(D→p²·C_out) → unpatchify. DiT has no public DeeDiff
-  head; this mirrors the backbone's own head so an exit sees the same conditioning c.
+* exit heads g_k: `bb.exit_head_module()`, applied as `g.apply(p, tokens, bb.exit_context(state))`
+  — shaped like the backbone's own head (`jaxee/models/exit_heads.py`: U-ViT `OutputHead`
+  LayerNorm → Linear → drop extras → unpatchify → 3×3 conv; DiT a `FinalLayer`-shaped adaLN head
+  that sees the conditioning c); `bb.head_params_for_exit(params)` is the warm start;
 * `TokenMeanUEM` ('token_mean', the public re-implementation): per-token Linear(D→1) + sigmoid,
-  mean over all tokens (U-ViT: including the time/label tokens).
+  mean over all tokens (U-ViT: including the time/label tokens);
 * `TimestepAwareUEM` ('timestep_aware', the paper's form): u = sigmoid(wᵀ[mean-pool(L_i), e(t)] + b)
   where mean-pool averages the block-input tokens over the sequence (all tokens) and e(t) is the
-  D-dim sinusoidal embedding of the network time (cos then sin, as the backbones').
+  D-dim sinusoidal embedding of the network time (cos then sin, as the backbones'), D = `bb.width`.
 
 All heads and UEMs use PyTorch's default `nn.Linear`/`nn.Conv2d` init (kaiming-uniform(a=√5):
 U(±1/√fan_in) for weights and biases), because the original creates them after the backbone's
-`_init_weights` (§2.3). Params for all exits are stacked along a leading axis of length L (the
-number of blocks; head k reads the input of block k).
+`_init_weights` (§2.3). Params for all exits are stacked along a leading axis of length
+L = `bb.num_units` (the blocks in execution order; head k reads the input of block k). Exit heads
+need every block input to have the same shape, so a backbone with `uniform_tokens == False` is
+refused.
+
+Also here, because they only read heads and UEMs: their FLOPs (`kernel_flops`: 2·positions·kernel
+size per Dense/Conv kernel, from shapes), θ validation, the host prediction of exits for t-only
+UEMs (`predict_exits`) and scripted UEMs for benchmarks (`scripted_uem_params`, §2.6); the runners
+are in `deediff.py`, which re-exports these names.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxee.exits import plan as plan_lib
 from jaxee.models import layers
+from jaxee.models.backbone import Backbone, as_backbone
 from jaxee.models.exit_heads import DiTExitHead, UViTExitHead, _dense, _torch_uniform  # noqa: F401
 
 UEM_KINDS = ("token_mean", "timestep_aware")
@@ -55,19 +66,28 @@ class TimestepAwareUEM(nn.Module):
     return jax.nn.sigmoid(_dense(1, 2 * self.dim, "linear")(feats)[..., 0])
 
 
+def backbone(model: Any) -> Backbone:
+  """The model at 'block' granularity; ValueError unless its block inputs share one shape."""
+  bb = as_backbone(model, "block")
+  if not bb.uniform_tokens:
+    raise ValueError(f"DeeDiff needs a backbone whose block inputs all have the same shape "
+                     f"(uniform_tokens); {type(bb).__name__} has uniform_tokens=False")
+  return bb
+
+
 def num_exits(model: Any) -> int:
-  """L = number of blocks (U-ViT: in + mid + out); exits k = 0..L−1, k = L is the backbone."""
-  return model.depth if model.family == "dit" else 2 * model.num_in_blocks + 1
+  """L = number of blocks in execution order; exits k = 0..L−1, k = L is the backbone head."""
+  return backbone(model).num_units
 
 
 def width(model: Any) -> int:
-  return model.hidden_size if model.family == "dit" else model.embed_dim
+  """D, the width of the token stream."""
+  return backbone(model).width
 
 
 def make_head(model: Any) -> nn.Module:
-  if model.family == "dit":
-    return DiTExitHead(model.hidden_size, model.patch_size, model.out_channels)
-  return UViTExitHead(model.embed_dim, model.patch_size, model.in_chans, model.extras)
+  """The exit head module (`bb.exit_head_module()`)."""
+  return backbone(model).exit_head_module()
 
 
 def make_uem(model: Any, kind: str) -> nn.Module:
@@ -83,20 +103,37 @@ def time_features(model: Any, t_net) -> jax.Array:
   return layers.timestep_embedding(jnp.asarray(t_net, jnp.float32), width(model))
 
 
+def example_inputs(model: Any):
+  """Batch-1 input specs (x, t, y) of the backbone network (y None when it takes no labels)."""
+  bb = backbone(model)
+  x = jax.ShapeDtypeStruct((1,) + tuple(bb.input_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  labelled = getattr(bb.module, "num_classes", 0) > 0
+  return x, t, (jax.ShapeDtypeStruct((1,), jnp.int32) if labelled else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _example_specs(model: Any):
+  """ShapeDtypeStructs of (block-input tokens, exit context) for batch 1 (no compute)."""
+  bb = backbone(model)
+
+  def f(x, t, y):
+    params = bb.module.init(jax.random.PRNGKey(0), x, t, y)["params"]
+    state = bb.embed(params, x, t, y)
+    return state["h"], bb.exit_context(state)
+  return jax.eval_shape(f, *example_inputs(model))
+
+
 def _example(model: Any):
-  d = width(model)
-  if model.family == "dit":
-    n = (model.input_size // model.patch_size) ** 2
-  else:
-    n = model.extras + model.num_patches
-  return jnp.zeros((1, n, d)), jnp.zeros((1, d))
+  """Zeros (tokens (1, N, D), exit context, t_emb (1, D)) to initialise heads and UEMs."""
+  tokens, ctx = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _example_specs(model))
+  return tokens, ctx, jnp.zeros((1, width(model)), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
-def _stacked_init(module: nn.Module, n: int, rng, tokens_shape, ctx_shape):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _stacked_init(module: nn.Module, n: int, rng, tokens, ctx):
   """n independent inits of `module` stacked on a leading axis (one compiled program)."""
-  tokens, c = jnp.zeros(tokens_shape), jnp.zeros(ctx_shape)
-  return jax.vmap(lambda k: module.init(k, tokens, c)["params"])(jax.random.split(rng, n))
+  return jax.vmap(lambda k: module.init(k, tokens, ctx)["params"])(jax.random.split(rng, n))
 
 
 def init_deediff_params(model: Any, rng, uem: str = "token_mean",
@@ -104,24 +141,24 @@ def init_deediff_params(model: Any, rng, uem: str = "token_mean",
   """Stacked head and UEM params for all L exits: {'heads': ..., 'uems': ...}.
 
   Args:
-    model: backbone (DiT or U-ViT).
+    model: backbone implementing the contract (DiT, U-ViT, ...).
     rng: PRNG key.
     uem: 'token_mean' or 'timestep_aware'.
     backbone_params: if given, every exit head starts as a copy of the backbone's own head
-      (DiT `final_layer` adaLN + linear; U-ViT `norm`, `decoder_pred` and, with `conv`, the 3×3
-      `final_layer`), which is a warm start for fine-tuning; otherwise PyTorch-default init as
-      in the public code (§2.3).
+      (`bb.head_params_for_exit`: DiT `final_layer` adaLN + linear; U-ViT `norm`, `decoder_pred`
+      and, with `conv`, the 3×3 `final_layer`), which is a warm start for fine-tuning; otherwise
+      PyTorch-default init as in the public code (§2.3).
 
   Returns:
     A param pytree, leaves with a leading axis L = `num_exits(model)`.
   """
   if uem not in UEM_KINDS:
     raise ValueError(f"unknown UEM {uem!r}; choose from {UEM_KINDS}")
-  tokens, c = _example(model)
+  tokens, ctx, t_emb = _example(model)
   k_head, k_uem = jax.random.split(rng)
   n = num_exits(model)
-  heads = _stacked_init(make_head(model), n, k_head, tokens.shape, c.shape)
-  uems = _stacked_init(make_uem(model, uem), n, k_uem, tokens.shape, c.shape)
+  heads = _stacked_init(make_head(model), n, k_head, tokens, ctx)
+  uems = _stacked_init(make_uem(model, uem), n, k_uem, tokens, t_emb)
   if backbone_params is not None:
     heads = _heads_from_backbone(model, backbone_params, heads)
   return {"heads": heads, "uems": uems}
@@ -129,13 +166,7 @@ def init_deediff_params(model: Any, rng, uem: str = "token_mean",
 
 def _heads_from_backbone(model: Any, backbone_params: Any, heads: dict) -> dict:
   """Replaces the stacked head params by L copies of the backbone head's params."""
-  if model.family == "dit":
-    src = {"adaLN_modulation": backbone_params["final_layer"]["adaLN_modulation"],
-           "linear": backbone_params["final_layer"]["linear"]}
-  else:
-    src = {"norm": backbone_params["norm"], "linear": backbone_params["decoder_pred"]}
-    if model.conv:
-      src["conv"] = backbone_params["final_layer"]
+  src = backbone(model).head_params_for_exit(backbone_params)
   n = num_exits(model)
   copied = jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + jnp.shape(a)), src)
   out = dict(heads)
@@ -146,22 +177,154 @@ def _heads_from_backbone(model: Any, backbone_params: Any, heads: dict) -> dict:
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(model: Any, uem: str):
+  """Per-exit param shapes of (head, UEM) for `model` (cached; no compute)."""
+  tokens, ctx, t_emb = _example(model)
+  out = {}
+  for part, module, second in (("heads", make_head(model), ctx),
+                               ("uems", make_uem(model, uem), t_emb)):
+    out[part] = jax.eval_shape(lambda m=module, s=second: m.init(jax.random.PRNGKey(0), tokens,
+                                                                 s)["params"])
+  return out
+
+
 def check_deediff_params(model: Any, ee_params: Any, uem: str) -> None:
-  """Raises ValueError unless `ee_params` are L stacked heads and UEMs of kind `uem` for `model`."""
+  """Raises ValueError unless `ee_params` are L stacked heads and UEMs of kind `uem` for `model`.
+
+  Only shapes are read, so this also works on traced params.
+  """
   if uem not in UEM_KINDS:
     raise ValueError(f"unknown UEM {uem!r}; choose from {UEM_KINDS}")
   if not isinstance(ee_params, dict) or set(ee_params) != {"heads", "uems"}:
     raise ValueError("ee_params must be a dict {'heads': ..., 'uems': ...} "
                      "(see init_deediff_params)")
-  tokens, c = _example(model)
   n = num_exits(model)
-  for part, module in (("heads", make_head(model)), ("uems", make_uem(model, uem))):
-    want = jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), tokens, c)["params"])
-    got = ee_params[part]
+  expected = _expected_shapes(model, uem)
+  for part in ("heads", "uems"):
+    want, got = expected[part], ee_params[part]
     if jax.tree.structure(got) != jax.tree.structure(want):
       raise ValueError(f"ee_params[{part!r}] does not have the structure of a {uem!r} "
-                       f"DeeDiff {part[:-1]} for this {model.family} model")
+                       f"DeeDiff {part[:-1]} for this {type(model).__name__} model")
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      if tuple(g.shape) != (n,) + tuple(w.shape):
-        raise ValueError(f"ee_params[{part!r}] leaf has shape {tuple(g.shape)}, expected "
+      if tuple(jnp.shape(g)) != (n,) + tuple(w.shape):
+        raise ValueError(f"ee_params[{part!r}] leaf has shape {tuple(jnp.shape(g))}, expected "
                          f"{(n,) + tuple(w.shape)} ({n} exits; uem={uem!r})")
+
+
+def validate_threshold(threshold) -> float:
+  """θ as a float; ValueError unless it is a finite number in [0, 1] (concrete values only)."""
+  try:
+    value = float(threshold)
+  except (TypeError, ValueError):
+    raise ValueError(f"DeeDiff threshold θ must be a number in [0, 1], got {threshold!r}") from None
+  if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+    raise ValueError(f"DeeDiff threshold θ must be in [0, 1], got {threshold!r}")
+  return value
+
+
+def kernel_flops(module: nn.Module, *args) -> float:
+  """Per-sample FLOPs of every Dense/Conv kernel `module` applies to batch-1 inputs `args`.
+
+  Each kernel costs 2·prod(output.shape[:-1])·prod(kernel.shape) (a matmul or a convolution with
+  one multiply-add per kernel entry and output position). Shapes only (`jax.eval_shape`).
+  """
+  counted = []
+
+  def intercept(next_fun, f_args, f_kwargs, context):
+    out = next_fun(*f_args, **f_kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+      kernel = context.module.get_variable("params", "kernel")
+      counted.append(2.0 * math.prod(out.shape[:-1]) * math.prod(kernel.shape))
+    return out
+
+  def run():
+    variables = module.init(jax.random.PRNGKey(0), *args)
+    with nn.intercept_methods(intercept):
+      return module.apply(variables, *args)
+
+  jax.eval_shape(run)
+  return float(sum(counted))
+
+
+@functools.lru_cache(maxsize=64)
+def exit_head_flops(model: Any) -> float:
+  """FLOPs of one exit head per sample (`kernel_flops` of `bb.exit_head_module()`)."""
+  tokens, ctx, _ = _example(model)
+  return kernel_flops(make_head(model), tokens, ctx)
+
+
+@functools.lru_cache(maxsize=64)
+def uem_flops(model: Any, kind: str) -> float:
+  """FLOPs of one UEM per sample: N·D products (token_mean) or 2D (timestep_aware)."""
+  tokens, _, t_emb = _example(model)
+  return kernel_flops(make_uem(model, kind), tokens, t_emb)
+
+
+def predict_exits(model: Any, ee_params: Any, uem: str, threshold, nfe_times):
+  """Exit index per NFE when the exits cannot depend on the tokens, else None.
+
+  That is the case for timestep-aware UEMs whose weights on the pooled tokens are all zero
+  (`scripted_uem_params`): u_k is then a function of t only and the whole batch exits at the
+  same layer. Computed on the host in float64 (a θ hit within float32 rounding of a layer's u
+  could flip at run time); None when the params or θ are traced.
+  """
+  if uem != "timestep_aware" or plan_lib.is_traced((ee_params, threshold)):
+    return None
+  kernel = np.asarray(ee_params["uems"]["linear"]["kernel"], np.float64)[..., 0]  # (L, 2D)
+  bias = np.asarray(ee_params["uems"]["linear"]["bias"], np.float64)[..., 0]  # (L,)
+  d = width(model)
+  if np.any(kernel[:, :d] != 0):
+    return None
+  freqs = layers.timestep_frequencies(d // 2).astype(np.float32)
+  times = np.asarray(nfe_times, np.float32)
+  args = (times[:, None] * freqs[None]).astype(np.float64)
+  emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+  if d % 2:
+    emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
+  u = 1.0 / (1.0 + np.exp(-(emb @ kernel[:, d:].T + bias[None])))  # (NFE, L)
+  hit = u <= float(threshold)
+  return np.where(hit.any(axis=1), np.argmax(hit, axis=1), kernel.shape[0]).astype(np.int64)
+
+
+def scripted_uem_params(model: Any, ee_params: Any, threshold: float, depth_at_noise: float,
+                        depth_at_clean: Optional[float] = None, sharpness: float = 8.0,
+                        schedule: Optional[str] = None) -> dict:
+  """Timestep-aware UEM params whose exit layer is a chosen linear function of τ (benchmarks).
+
+  With random backbones u carries no information, so a benchmark of the batched runner needs a
+  controlled exit pattern. The UEM u_k = sigmoid(wᵀ[pool, e(t)] + b_k) gets w = 0 on the pooled
+  tokens (u is then the same for the whole batch) and weight only on the lowest-frequency sine of
+  e(t), sin(f·t) ≈ f·t (f·t ≤ 0.18 for D ≥ 32, so the error is < 0.6 %), which makes the logit
+  linear in τ: u_k ≤ θ ⟺ k ≥ K(τ) − 1/2 with K(τ) = depth_at_clean + (depth_at_noise −
+  depth_at_clean)·τ, i.e. the batch exits at round(K(τ)) (k ≥ L: the full network).
+
+  Args:
+    model: backbone.
+    ee_params: params from `init_deediff_params(..., uem='timestep_aware')` (heads are kept).
+    threshold: the θ the plan will use, in (0, 1).
+    depth_at_noise: exit layer K at τ = 1.
+    depth_at_clean: exit layer K at τ = 0 (default L, i.e. no exit near the data).
+    sharpness: logit slope per layer.
+    schedule: time convention mapping network time to τ (default the model's).
+
+  Returns:
+    ee_params with the UEM weights replaced.
+  """
+  theta = validate_threshold(threshold)
+  if not 0.0 < theta < 1.0:
+    raise ValueError(f"scripted UEMs need 0 < θ < 1, got {threshold}")
+  check_deediff_params(model, ee_params, "timestep_aware")
+  num = num_exits(model)
+  d = width(model)
+  k_clean = float(num if depth_at_clean is None else depth_at_clean)
+  per_unit = float(plan_lib.model_time_to_unit(1.0, plan_lib.time_schedule(model, schedule)))
+  freqs = layers.timestep_frequencies(d // 2)
+  idx = int(np.argmin(freqs))
+  f = float(freqs[idx])
+  logit_theta = math.log(theta / (1.0 - theta))
+  kernel = np.zeros((num, 2 * d, 1), np.float32)
+  kernel[:, d + d // 2 + idx, 0] = sharpness * (depth_at_noise - k_clean) * per_unit / f
+  bias = (sharpness * (k_clean - np.arange(num) - 0.5) + logit_theta).astype(np.float32)
+  uems = {"linear": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)[:, None]}}
+  return dict(ee_params, uems=uems)

@@ -13,9 +13,12 @@ wasted, and clearing it leaves the sampler output bit-for-bit unchanged. Convent
 * one sweep from the last step to the first and, within a step, from the last block to the first.
   m[r, b] depends on m[r, b+1] and m[r+1, b], which the sweep has already finalised, so zeros
   cascade down a step and one sweep is a fixed point (`rectify` checks it);
-* U-ViT (`skip_consumers`): an in-block's output is also the long skip of its paired out-block
-  (U-ViT `UViT.forward`, LIFO), so there an entry is cleared only when that consumer is 0 too
+* extra readers (`skip_consumers`, from the backbone contract's `Backbone.skip_consumers()`):
+  a U-ViT in-block's output is also the long skip of its paired out-block (U-ViT
+  `UViT.forward`, LIFO), so there an entry is cleared only when that consumer is 0 too
   (otherwise the clear would change the output). Pass `skip_consumers=None` for the bare rule.
+
+`research/ee_methods.md` §4.7 and §5.5 describe TABM; this module is host-side NumPy only.
 
 Plan files are `.npz` with the mask and a JSON metadata string (arch, sampler, steps, unit, cache
 mode, ...), written atomically (temporary file in the same directory, then `os.replace`).
@@ -33,7 +36,8 @@ from jaxee import atomic_io
 def uvit_skip_consumers(num_in_blocks: int) -> dict[int, int]:
   """Unit index of in-block b → unit index of the out-block consuming its skip.
 
-  Units are ordered in-blocks, mid, out-blocks; out-block j consumes in-block n−1−j.
+  Units are ordered in-blocks, mid, out-blocks; out-block j consumes in-block n−1−j. The same
+  map as `as_backbone(uvit, 'block').skip_consumers()` (which runners use; kept for tools).
   """
   n = num_in_blocks
   return {b: n + 1 + (n - 1 - b) for b in range(n)}

@@ -128,6 +128,15 @@ class Backbone:
   def refs(self) -> list[UnitRef]:
     return [self.ref(i) for i in range(self.num_units)]
 
+  def skip_consumers(self) -> Optional[dict[int, int]]:
+    """Units whose output is also read later in the same forward, beyond the next unit.
+
+    Returns {producer unit index: consumer unit index} (U-ViT: an in-block's output is the long
+    skip of its paired out-block), or None (default) when every unit's output is read only by the
+    next unit. Host-side structure, used by mask rectification (`jaxee/exits/mask_tools.py`).
+    """
+    return None
+
   def at(self, granularity: str) -> "Backbone":
     """The same model at another granularity."""
     return as_backbone(self.module, granularity)
@@ -239,8 +248,10 @@ def as_backbone(module: Any, granularity: str = "block") -> Backbone:
 
 
 def take(stack: Any, i) -> Any:
-  """Params of one member of a stacked tree (static or traced index)."""
-  return jax.tree.map(lambda a: a[i], stack)
+  """Params of one member of a stacked tree (static or traced index; host or device arrays)."""
+  if isinstance(i, (int, np.integer)):
+    return jax.tree.map(lambda a: a[i], stack)
+  return jax.tree.map(lambda a: jnp.asarray(a)[i], stack)
 
 
 def select_state(keep, new: State, old: State) -> State:

@@ -79,7 +79,7 @@ class DiTBackbone(bb_lib.Backbone):
     tokens, c = self.module.apply({"params": params}, x, t, y, method="embed")
     state = {"h": tokens, "c": c}
     if self.granularity == "branch":
-      state["mod"] = jnp.zeros((c.shape[0], 6, c.shape[-1]), c.dtype)
+      state["mod"] = jnp.repeat(jnp.zeros_like(c)[:, None], 6, axis=1)  # varying like c
     return state
 
   def enter(self, params, ref, state):

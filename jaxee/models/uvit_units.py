@@ -48,6 +48,15 @@ class UViTBackbone(bb_lib.Backbone):
   def tail_start(self) -> int:
     return (self._n + 1) * self._per
 
+  def skip_consumers(self):
+    """In-block g's output is the long skip of out-block n−1−g (LIFO, `UViT.forward`).
+
+    'block': unit g → unit n+1+(n−1−g); 'branch': in-block g's MLP unit (which writes the skip)
+    → the attention unit of that out-block (whose `enter` fuses it).
+    """
+    n, per = self._n, self._per
+    return {per * g + per - 1: per * (n + 1 + (n - 1 - g)) for g in range(n)}
+
   @property
   def input_shape(self):
     m = self.module
@@ -113,8 +122,10 @@ class UViTBackbone(bb_lib.Backbone):
 
   def embed(self, params, x, t, y):
     tokens = self.module.apply({"params": params}, x, t, y, method="embed")
-    b, n_tok, d = tokens.shape
-    return {"h": tokens, "skips": jax.numpy.zeros((b, self._n, n_tok, d), tokens.dtype)}
+    # Derived from the tokens (not a fresh constant) so it carries the same sharding/varying
+    # type inside `shard_map` as the values written into it.
+    skips = jax.numpy.repeat(jax.numpy.zeros_like(tokens)[:, None], self._n, axis=1)
+    return {"h": tokens, "skips": skips}
 
   def _merge(self, params, ref, state):
     merged = self._apply_block(params, ref, state["h"], self._skip(ref, state),

@@ -1,15 +1,24 @@
-"""Shared training-config defaults and the `:arg` parser used by every `configs/*.py` file.
+"""The training-config schema (the one source of defaults) and the `:arg` parser.
 
 `base_config()` returns the full schema documented in `jaxee/main.py` with its defaults, so an
-experiment file only sets what differs; `parse_arg('runlocal,parallel=pmap', runlocal=False,
-parallel='shard_map')` reads the config-string argument (big_vision `configs/common.py`
-`parse_arg` style: types from the defaults, a bare key means True, unknown keys are errors).
-This module imports no JAX, so loading a config never initialises a backend (which must wait
-for `jax.distributed.initialize()` in multi-host runs).
+experiment file only sets what differs; the method sections `config.ase`, `config.deediff`,
+`config.duodiff` and `config.masks` come from `ase_section`, `deediff_section`,
+`duodiff_section` and `masks_section` (or `method_section(method, **values)`), which define
+every field that `jaxee.train.methods` and `jaxee.train.masks_opt` read, each with exactly one
+default (`schedule` and `threshold` have none: they are arguments). The training code reads
+these fields directly; `check_section` (called by `methods.validate`) turns a missing or
+unknown field into a ValueError naming it. `parse_arg('runlocal,parallel=pmap',
+runlocal=False, parallel='shard_map')` reads the config-string argument (big_vision
+`configs/common.py` `parse_arg` style: types from the defaults, a bare key means True, unknown
+keys are errors). Shared helpers of the config files: `jaxee/configs_common.py`.
+
+This module imports no JAX (`masks_section` imports `jaxee.train.masks_opt` when called), so
+loading a config never initialises a backend (which must wait for
+`jax.distributed.initialize()` in multi-host runs).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Dict, List
 
 from ml_collections import config_dict
 
@@ -126,3 +135,112 @@ def tiny_runlocal(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.train.ema_decay = 0.9
   c.train.progress = False
   return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Method sections: every field the training code reads, with its one default.
+
+
+def _section(values: Dict[str, Any], overrides: Dict[str, Any], name: str):
+  """A ConfigDict of `values` with `overrides` applied; an unknown override is an error."""
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ValueError(f"unknown config.{name} field(s) {unknown}; valid: {sorted(values)}")
+  section = config_dict.ConfigDict(values)
+  for key, value in overrides.items():
+    section[key] = config_dict.ConfigDict(value) if isinstance(value, dict) else value
+  return section
+
+
+def ase_section(schedule: str, **overrides: Any) -> config_dict.ConfigDict:
+  """`config.ase` (§5.1; λ(t) fields are jaxee's reading of Alg. 1, see `jaxee/losses.py`)."""
+  return _section(dict(
+      schedule=schedule,                     # table name, e.g. 'D3-DiT', 'D6-U-ViT'
+      custom_schedule=config_dict.placeholder(tuple),  # 10 block counts instead of a name
+      scale_to_model=False,                  # rescale the table to the model's depth
+      time_schedule=config_dict.placeholder(str),      # τ convention (None: the model's)
+      lambda_boost=2.0,                      # λ on the dropped (noise-side) intervals
+      lambda_mode="plateau",                 # 'plateau' | 'cycle' | 'constant'
+      cycle_length=10_000,                   # C, steps of the boosted phase ('cycle')
+      cycle_repeat=False,
+      plateau_window=1_000,                  # steps per plateau comparison (>= log_every)
+      plateau_patience=3,
+      plateau_rel_tol=1e-3,
+      freeze_time_embedder=True,             # `train_dit.sh --freeze_time_embedder`
+  ), overrides, "ase")
+
+
+def deediff_section(threshold: float, **overrides: Any) -> config_dict.ConfigDict:
+  """`config.deediff` (§2.4–2.6, §5.2): λ = β = 1, MLP-probe UEM, frozen backbone."""
+  return _section(dict(
+      threshold=float(threshold),            # θ, used at sampling time (exported)
+      variant="paper",                       # 'paper' | 'public' (duodiff trainer.py)
+      uem="token_mean",                      # 'token_mean' (mlp_probe_per_layer) | 'timestep_aware'
+      lam=1.0,
+      beta=1.0,
+      freeze_backbone=True,                  # `--load_backbone ... --freeze_backbone`
+      heads_from_backbone=False,
+      unweighted_head_loss=False,            # `--use_unweighted_loss`
+  ), overrides, "deediff")
+
+
+def duodiff_section(t_switch: float = 300.0, **overrides: Any) -> config_dict.ConfigDict:
+  """`config.duodiff` (§3.2–3.3): 3-layer shallow U-ViT, t_s = 300 (README)."""
+  return _section(dict(
+      shallow_layers=3,
+      t_switch=float(t_switch),
+      rule="threshold",                      # 'threshold' (DDPM loop) | 'lagged' (DDIM loop)
+      init="scratch",                        # 'scratch' (the paper) | 'deep' (first blocks)
+  ), overrides, "duodiff")
+
+
+def masks_section(**overrides: Any) -> config_dict.ConfigDict:
+  """`config.masks` (TABM, §4.7, §5.5): the defaults are `jaxee.train.masks_opt.DEFAULTS`."""
+  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+  values = {}
+  for key, value in masks_opt.DEFAULTS.items():
+    if key in ("schedule", "guidance", "seed"):   # optional (seed default: train.seed)
+      values[key] = config_dict.placeholder({"schedule": str, "guidance": float,
+                                             "seed": int}[key])
+    elif key == "sampler_options":
+      values[key] = config_dict.ConfigDict(dict(value))
+    else:
+      values[key] = value
+  return _section(values, overrides, "masks")
+
+
+SECTIONS: Dict[str, Callable[..., config_dict.ConfigDict]] = {
+    "ase": ase_section, "deediff": deediff_section, "duodiff": duodiff_section,
+    "masks": masks_section}
+# Values for the builders' required arguments when only the field set is wanted.
+_SCHEMA_ARGS = {"ase": dict(schedule="D3-DiT"), "deediff": dict(threshold=0.0)}
+
+
+def method_section(method: str, **values: Any) -> config_dict.ConfigDict:
+  """`config.<method>` with every schema default and `values` over them (e.g. from a dict)."""
+  if method not in SECTIONS:
+    raise ValueError(f"method {method!r} has no config section; sections: {sorted(SECTIONS)}")
+  return SECTIONS[method](**values)
+
+
+def section_fields(method: str) -> List[str]:
+  """The field names of `config.<method>` (the schema)."""
+  return sorted(SECTIONS[method](**_SCHEMA_ARGS.get(method, {})).keys())
+
+
+def check_section(config, method: str) -> List[str]:
+  """Problems with `config.<method>`: absent, or a field missing or unknown (empty: fine)."""
+  section = config.get(method) if hasattr(config, "get") else getattr(config, method, None)
+  if section is None:
+    return [f"method {method!r} needs a config.{method} section "
+            f"(jaxee.train.config_base.{method}_section)"]
+  given = set(section.keys())
+  wanted = set(section_fields(method))
+  problems = []
+  if wanted - given:
+    problems.append(f"config.{method} is missing field(s) {sorted(wanted - given)} (build it "
+                    f"with jaxee.train.config_base.{method}_section / method_section)")
+  if given - wanted:
+    problems.append(f"config.{method} has unknown field(s) {sorted(given - wanted)}; "
+                    f"valid: {sorted(wanted)}")
+  return problems

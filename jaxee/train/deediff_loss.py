@@ -4,7 +4,9 @@ DeeDiff (Tang et al., 2023, "DeeDiff: Dynamic Uncertainty-Aware Early Exiting fo
 Diffusion Model Generation", Eqs. for the UEM loss and the uncertainty-aware layer-wise loss), as
 re-implemented in `razvanmatisan/duodiff` `trainer.py:Trainer._loss_fn` (`research/ee_methods.md`
 §2.4–2.5). Every sample runs every block, every exit head g_i and every UEM u_i
-(`exits.deediff.forward_all_exits`; no per-sample exit in training). With ε the target noise and
+(`exits.deediff.forward_all_exits`: one `lax.scan` per segment of the backbone contract,
+`jaxee/models/backbone.py`, so the same code trains heads on any backbone; no per-sample exit in
+training). With ε the target noise and
 e_i = g_i(L_i) − ε on the ε channels (a learned-σ DiT head's σ channels are ignored):
 
 * pseudo-uncertainty û_i = mean_{HWC} tanh|e_i| (per sample);
@@ -125,7 +127,7 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
   """The DeeDiff objective (module docstring) for `jaxee/train/step.py`.
 
   Args:
-    model: the backbone (DiT or U-ViT).
+    model: the backbone (any implementation of the contract: DiT, U-ViT, ...).
     schedule: training schedule object or name (default `losses.training_schedule(model)`).
     lam: λ, weight of L_u.
     beta: β, weight of L_UAL.

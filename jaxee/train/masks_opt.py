@@ -23,11 +23,12 @@ Readings fixed here (documented choices):
   r < 0.5, else 1.0 (`w_thresholds`, `w_values`). Steps whose feature barely changes get a
   larger sparsity weight. NFE 0 has no δ and is never optimised.
 * **Mixing and cache** (block-output semantics, as `exits.masks.MaskPlan(cache_mode=
-  'block_output')`): block b outputs m_b·f_b(h) + (1 − m_b)·cache_b; a U-ViT in-block's mixed
-  output is also its long skip. NFE 0 computes everything (empty cache). Steps are optimised in
-  sampling order; after step k the scores are binarised (s > `threshold`, default 0.5) and the
-  cache is refreshed with the block outputs of the binarised network at step k where s > 0.5,
-  so a cached feature can be several steps old, exactly as at inference.
+  'block_output')`, both written once against the backbone contract `jaxee/models/backbone.py`
+  at 'block' granularity): block b outputs m_b·f_b(h) + (1 − m_b)·cache_b; a U-ViT in-block's
+  mixed output is also its long skip. NFE 0 computes everything (empty cache). Steps are
+  optimised in sampling order; after step k the scores are binarised (s > `threshold`, default
+  0.5) and the cache is refreshed with the block outputs of the binarised network at step k
+  where s > 0.5, so a cached feature can be several steps old, exactly as at inference.
 * **Random mask sampling** (`sampling`): 'bernoulli' (default) draws m_b ~ Bernoulli(s_b) and
   uses the straight-through estimator (forward m, backward ∂m/∂s = 1), so the optimisation sees
   the binary network the sampler will run; 'concrete' uses the binary-concrete (Gumbel-sigmoid)
@@ -64,10 +65,10 @@ import optax
 from absl import logging
 
 from jaxee import atomic_io
-from jaxee import sampling
+from jaxee.diffusion import samplers as samplers_lib
 from jaxee.exits import mask_tools
 from jaxee.exits import masks as masks_lib
-from jaxee.exits import ops
+from jaxee.models import backbone as bb_lib
 from jaxee.models import registry
 from jaxee.train import masks_teacher as teacher
 from jaxee.train.masks_teacher import (Trajectory, record_teacher, run_blocks,  # noqa: F401
@@ -143,9 +144,8 @@ def options_from_config(masks_config) -> MaskOptOptions:
 def validate_options(o: MaskOptOptions) -> list:
   """Every problem with the options, as messages (empty when valid)."""
   p = []
-  if o.sampler not in sampling._SAMPLER_OPTIONS:  # pylint: disable=protected-access
-    p.append(f"masks.sampler {o.sampler!r} unknown; choose from "
-             f"{tuple(sampling._SAMPLER_OPTIONS)}")  # pylint: disable=protected-access
+  if o.sampler not in samplers_lib.SAMPLERS:
+    p.append(f"masks.sampler {o.sampler!r} unknown; choose from {samplers_lib.SAMPLERS}")
   if int(o.steps) < 1:
     p.append(f"masks.steps must be >= 1, got {o.steps}")
   if int(o.num_samples) < 1:
@@ -227,10 +227,11 @@ def make_step_fns(model, st: _StepStatics):
   step (the new cache).
   """
   tx = optax.adam(st.lr)
+  bb = teacher.block_backbone(model)
 
-  def features(params, tokens, ctx, gates=None, cache=None):
-    h, outs = run_blocks(model, params, tokens, ctx, gates, cache)
-    return (h if st.loss_target == "x_end" else ops.head(model, params, h, ctx)), outs
+  def features(params, state, gates=None, cache=None):
+    state, values = run_blocks(bb, params, state, gates, cache)
+    return (state["h"] if st.loss_target == "x_end" else bb.head(params, state)), values
 
   def reconstruction(pred, target):
     d = (pred - target).reshape(pred.shape[0], -1)
@@ -239,12 +240,12 @@ def make_step_fns(model, st: _StepStatics):
     return jnp.mean(d * d)
 
   def optimise_step(params, scores0, x, t, y, cache, w, lambdas, key):
-    tokens, ctx = ops.embed(model, params, x, t, y)
-    target = jax.lax.stop_gradient(features(params, tokens, ctx)[0])
+    state = bb.embed(params, x, t, y)
+    target = jax.lax.stop_gradient(features(params, state)[0])
 
     def loss(s, k):
       gates = sample_gates(s, k, st.sampling, st.temperature)
-      rec = reconstruction(features(params, tokens, ctx, gates, cache)[0], target)
+      rec = reconstruction(features(params, state, gates, cache)[0], target)
       reg = lambdas[0] * w * jnp.sum(s) + lambdas[1] * w * jnp.sum(s * (1 - s))
       return rec + reg, rec
 
@@ -258,12 +259,12 @@ def make_step_fns(model, st: _StepStatics):
     (s, _), (values, recs) = jax.lax.scan(body, (scores0, tx.init(scores0)),
                                           jnp.arange(st.iters_per_step))
     binary = (s > st.threshold).astype(s.dtype)
-    rec_binary = reconstruction(features(params, tokens, ctx, binary, cache)[0], target)
+    rec_binary = reconstruction(features(params, state, binary, cache)[0], target)
     return s, values, recs, rec_binary
 
   def refresh(params, x, t, y, cache, row):
-    tokens, ctx = ops.embed(model, params, x, t, y)
-    return run_blocks(model, params, tokens, ctx, row.astype(jnp.float32), cache)[1]
+    state = bb.embed(params, x, t, y)
+    return run_blocks(bb, params, state, row.astype(jnp.float32), cache)[1]
 
   return jax.jit(optimise_step), jax.jit(refresh)
 
@@ -319,7 +320,7 @@ def optimise_masks(model, params, traj: Trajectory, opts: MaskOptOptions, rng, *
       scores, start = saved, max(done, 1)
       logging.info("TABM: resuming after %d of %d NFEs", start, n_nfe)
 
-  cache = jnp.zeros((n_units,) + _token_shape(model, params, traj), jnp.float32)
+  cache = bb_lib.zeros_cache(teacher.block_backbone(model), params, traj.x.shape[1:], y)
   cache = refresh(params, jnp.asarray(traj.x[0]), t_vec(0), y, cache, ones)
   for k in range(1, start):     # replay finished rows (binary masks) to rebuild the cache
     row = jnp.asarray(scores[k] > opts.threshold)
@@ -347,14 +348,6 @@ def optimise_masks(model, params, traj: Trajectory, opts: MaskOptOptions, rng, *
   mask = scores > opts.threshold
   mask[0] = True
   return {"scores": scores, "mask": mask, "w": w, "delta": traj.delta}
-
-
-def _token_shape(model, params, traj: Trajectory) -> tuple:
-  y = None if traj.y is None else jax.ShapeDtypeStruct(traj.y.shape, jnp.int32)
-  shape = jax.eval_shape(
-      lambda x, yy: ops.embed(model, params, x, jnp.zeros((x.shape[0],)), yy)[0],
-      jax.ShapeDtypeStruct(traj.x.shape[1:], jnp.float32), y)
-  return tuple(shape.shape)
 
 
 def build_plan(model, result: dict, opts: MaskOptOptions) -> masks_lib.MaskPlan:

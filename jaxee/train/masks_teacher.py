@@ -1,11 +1,15 @@
 """TABM building blocks: the block-masked forward with a block-output cache, random masks, and
 the teacher's sampling trajectory (`jaxee/train/masks_opt.py` has the optimisation).
 
-* `run_blocks`: every block in execution order with block b's output m_b·f_b(h) + (1 − m_b)·
-  cache_b (TABM's "x = s·f(x) + (1−s)·cache", `research/ee_methods.md` §4.7); with binary m it
-  computes exactly what `exits.masks.MaskPlan(cache_mode='block_output')` runs at sampling time
-  (a U-ViT in-block's mixed output is also its long skip). This is the training path: every block
-  is computed and then mixed.
+Everything is written once against the backbone contract (`jaxee/models/backbone.py`) at
+`'block'` granularity; no family branches.
+
+* `run_blocks`: every unit in execution order with unit b's value m_b·f_b(state) + (1 − m_b)·
+  cache_b (TABM's "x = s·f(x) + (1−s)·cache", `research/ee_methods.md` §4.7, §5.5), applied with
+  the contract's `apply`; with binary m it computes exactly what `exits.masks.MaskPlan(
+  cache_mode='block_output')` runs at sampling time (a U-ViT in-block's mixed output is also its
+  long skip, because `apply` pushes it). This is the training path: every unit is computed and
+  then mixed. The cache is the contract's: one (segment.size, B, N, D) array per segment.
 * `sample_gates`: Bernoulli with the straight-through estimator, binary concrete (Gumbel-sigmoid)
   or the relaxed scores themselves.
 * `record_teacher`: the full network samples from Gaussian noise through `jaxee.sample` itself,
@@ -22,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxee import sampling
-from jaxee.exits import ops
 from jaxee.exits import plan as plan_lib
+from jaxee.models import backbone as bb_lib
 
 SAMPLING_MODES = ("bernoulli", "concrete", "relaxed")
 
@@ -32,57 +36,39 @@ SAMPLING_MODES = ("bernoulli", "concrete", "relaxed")
 # Block-masked forward with a block-output cache (the training path: every block is computed).
 
 
-def run_blocks(model, params, tokens, ctx, gates=None, cache=None):
-  """All blocks in execution order, optionally mixed with a cache.
+def block_backbone(model) -> bb_lib.Backbone:
+  """The contract view TABM works on (one unit per transformer block)."""
+  return bb_lib.as_backbone(model, "block")
+
+
+def run_blocks(model, params, state, gates=None, cache=None):
+  """All units in execution order, optionally mixed with a cache.
 
   Args:
-    model: DiT or U-ViT.
+    model: a backbone module (or a `Backbone`, viewed at 'block' granularity).
     params: backbone params.
-    tokens, ctx: `ops.embed` output.
+    state: `bb.embed(params, x, t, y)`.
     gates: (L,) mixing weights m (1 = compute), or None for the plain full network.
-    cache: (L, B, N, D) cached block outputs (required with `gates`).
+    cache: per-segment cached unit values (the contract's cache; required with `gates`).
 
   Returns:
-    (x_end (B, N, D), block outputs (L, B, N, D) after mixing).
+    (final state — `state['h']` is x_end, `bb.head(params, state)` the output —, per-segment
+    unit values after mixing: the next cache).
   """
-  b = ops.Blocks(model)
-  full = gates is None
+  bb = block_backbone(model)
+  if gates is None:
+    return bb_lib.collect_values(bb, params, state)
 
-  def mix(l, new, cached):
-    if full:
-      return new
-    g = gates[l].astype(new.dtype)
-    return g * new + (1 - g) * cached
+  def unit(ref, carry):
+    st, values = carry
+    st = bb.enter(params, ref, st)
+    new = bb.compute(params, ref, st)
+    g = gates[ref.index].astype(new.dtype)
+    value = g * new + (1 - g) * bb_lib.cache_get(bb, cache, ref)
+    values = bb_lib.cache_set(bb, values, ref, value)
+    return bb.apply(params, ref, st, value), values
 
-  def xs_cache(lo, hi):
-    return jnp.zeros((hi - lo,)) if full else cache[lo:hi]
-
-  if model.family == "dit":
-    n_blocks = ops.stack_len(params["blocks"])
-
-    def body(h, xs):
-      l, p, cached = xs
-      out = mix(l, b.dit(p, h, ctx), cached)
-      return out, out
-    return jax.lax.scan(body, tokens, (jnp.arange(n_blocks), params["blocks"],
-                                       xs_cache(0, n_blocks)))
-  n = model.num_in_blocks
-
-  def in_body(h, xs):
-    l, p, cached = xs
-    out = mix(l, b.uvit_in(p, h), cached)
-    return out, out
-  h, skips = jax.lax.scan(in_body, tokens, (jnp.arange(n), params["in_blocks"], xs_cache(0, n)))
-  h = mix(n, b.uvit_in(params["mid_block"], h), None if full else cache[n])
-  mid = h
-
-  def out_body(hh, xs):
-    l, p, skip, cached = xs
-    out = mix(l, b.uvit_out(p, hh, skip), cached)
-    return out, out
-  h, outs = jax.lax.scan(out_body, h, (jnp.arange(n + 1, 2 * n + 1), params["out_blocks"],
-                                       skips[::-1], xs_cache(n + 1, 2 * n + 1)))
-  return h, jnp.concatenate([skips, mid[None], outs], axis=0)
+  return bb_lib.for_units(bb, (state, tuple(cache)), unit)
 
 
 def sample_gates(scores, key, mode: str, temperature: float = 0.5):
@@ -122,32 +108,49 @@ class Trajectory:
   samples: np.ndarray
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@plan_lib.pytree_plan()
 class _RecorderPlan:
-  """A full-network 'plan' that records each NFE's input and the change of x_end."""
+  """A full-network 'plan' that records each NFE's input and the change of x_end (no leaves)."""
+
+  def check(self, model, nfe_times):
+    del model
+    plan_lib.check_nfe_times(nfe_times)
 
   def bind(self, model, params, nfe_times):
     del nfe_times
+    bb = block_backbone(model)
 
     def net(x, t_net, y, nfe_index, cache):
-      tokens, ctx = ops.embed(model, params, x, t_net, y)
-      x_end, _ = run_blocks(model, params, tokens, ctx)
-      out = ops.head(model, params, x_end, ctx)
-      diff = jnp.sqrt(jnp.sum((x_end - cache) ** 2, axis=(1, 2)))
-      rel = jnp.mean(diff / jnp.maximum(jnp.sqrt(jnp.sum(x_end ** 2, axis=(1, 2))), 1e-12))
+      state = bb_lib.run_all(bb, params, bb.embed(params, x, t_net, y))
+      x_end = state["h"]
+      out = bb.head(params, state)
+      axes = tuple(range(1, x_end.ndim))
+      diff = jnp.sqrt(jnp.sum((x_end - cache) ** 2, axis=axes))
+      rel = jnp.mean(diff / jnp.maximum(jnp.sqrt(jnp.sum(x_end ** 2, axis=axes)), 1e-12))
       delta = jnp.where(nfe_index > 0, rel, 0.0)
       return out, x_end, {"x": x, "delta": delta}
 
     def init_cache(x_batch, y=None):
-      shape = jax.eval_shape(lambda xx, yy: ops.embed(model, params, xx, jnp.zeros(
-          (xx.shape[0],)), yy)[0], jax.ShapeDtypeStruct(x_batch.shape, jnp.float32), y)
+      shape = jax.eval_shape(
+          lambda xx, yy: bb.embed(params, xx, jnp.zeros((xx.shape[0],)), yy)["h"],
+          jax.ShapeDtypeStruct(jnp.shape(x_batch), jnp.float32), y)
       return jnp.zeros(shape.shape, shape.dtype)
 
     return plan_lib.BoundPlan(net, init_cache, {"plan": "tabm_teacher_recorder"})
 
 
-# Stateless, so one instance serves every run (and `jaxee.sample` reuses its compilation).
+# Stateless (an empty pytree), so every instance shares one compiled sampler.
 _RECORDER = _RecorderPlan()
+
+
+def num_real_classes(model) -> int:
+  """Labels a random draw may use: the label table minus a null row stored inside it.
+
+  DiT keeps its null class at index `num_classes` (outside the table: all `num_classes` labels are
+  real); U-ViT presets with CFG store it as the table's last row (`num_classes − 1` real labels).
+  """
+  null = model.null_class
+  return model.num_classes - (1 if null is not None and null < model.num_classes else 0)
 
 
 def _labels(model, opts: Any, rng) -> Optional[np.ndarray]:
@@ -157,9 +160,8 @@ def _labels(model, opts: Any, rng) -> Optional[np.ndarray]:
     if opts.labels != "random":
       labels = [int(v) for v in opts.labels.split(",") if v.strip()]
     else:
-      n_real = model.num_classes - (1 if model.family == "uvit" and model.null_class is not None
-                                    else 0)
-      return np.asarray(jax.random.randint(rng, (opts.num_samples,), 0, n_real), np.int32)
+      return np.asarray(jax.random.randint(rng, (opts.num_samples,), 0, num_real_classes(model)),
+                        np.int32)
   else:
     labels = [int(v) for v in opts.labels]
   return np.resize(np.asarray(labels, np.int32), opts.num_samples)
@@ -168,15 +170,14 @@ def _labels(model, opts: Any, rng) -> Optional[np.ndarray]:
 def record_teacher(model, params, opts: Any, rng) -> Trajectory:
   """Samples with the full network from Gaussian noise and records every NFE (no data)."""
   k_noise, k_labels, k_sample = jax.random.split(rng, 3)
-  size = model.input_size if model.family == "dit" else model.img_size
-  channels = model.in_channels if model.family == "dit" else model.in_chans
-  x_T = jax.random.normal(k_noise, (opts.num_samples, size, size, channels), jnp.float32)
+  shape = tuple(block_backbone(model).input_shape)
+  x_T = jax.random.normal(k_noise, (opts.num_samples,) + shape, jnp.float32)
   labels = _labels(model, opts, k_labels)
+  guided = opts.guidance is not None and labels is not None
   samples, stats = sampling.sample(
       model, params, k_sample, sampler=opts.sampler, steps=opts.steps, labels=labels,
-      guidance=opts.guidance, plan=_RECORDER, x_T=x_T, schedule=opts.schedule,
+      guidance=opts.guidance if guided else None, plan=_RECORDER, x_T=x_T, schedule=opts.schedule,
       return_stats=True, **dict(opts.sampler_options))
-  guided = opts.guidance is not None and labels is not None
   y = labels
   if guided:
     y = np.concatenate([labels, np.full_like(labels, model.null_class)])

@@ -17,9 +17,13 @@
   (`init='deep'`, `config.init` then being the deep checkpoint). Export: the shallow weights
   (`WORKDIR/export`) and `duodiff.json` (t_s, rule) for `exits.duodiff.DuoDiffPlan`.
 
-`validate(config)` checks every method section (and the model) and raises one `ValueError`
-listing every problem; config files call it from `get_config` (through `configs/common.py`),
-and `build_method` calls it again. It initialises no JAX backend.
+Config fields are read directly (`config.ase.lambda_mode`): the schema and the one default of
+every field are in `jaxee/train/config_base.py` (`ase_section`, `deediff_section`,
+`duodiff_section`, `masks_section`); there are no fallback values here. `validate(config)`
+checks the method section against that schema (a missing or unknown field is an error naming
+it) and every value (and the model), and raises one `ValueError` listing every problem; config
+files call it from `get_config` (through `jaxee/configs_common.py` `finish`), and
+`build_method` calls it again. It initialises no JAX backend.
 
 Trainer hooks used here (`jaxee/train/trainer.py`): `extras` (initial `TrainState.extras`),
 `on_log(step, metrics)` (host updates of the extras; ASE's plateau test), `host_state()` /
@@ -35,6 +39,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 from jaxee import atomic_io
+from jaxee.models.backbone import as_backbone
 from jaxee.train import config_base
 from jaxee.train import optim
 
@@ -45,14 +50,16 @@ DUODIFF_FILE = "duodiff.json"
 DEEDIFF_FILE = "deediff_heads.npz"
 
 
-def _get(section, name, default=None):
-  return optim.config_get(section, name, default)
-
-
-def _section(config, name):
-  if hasattr(config, "get"):
-    return config.get(name)
-  return getattr(config, name, None)
+def _field(config, path: str):
+  """`config.<path>` ('model.arch'); a missing field is a ValueError naming it."""
+  node = config
+  for part in path.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError) as e:
+      raise ValueError(f"invalid config: config.{path} is missing (the schema and its "
+                       "defaults: jaxee.train.config_base)") from e
+  return node
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,12 +68,9 @@ def _section(config, name):
 
 def _model_of(config, problems: list):
   from jaxee import models  # pylint: disable=g-import-not-at-top
-  m = _section(config, "model")
-  if m is None:
-    problems.append("config.model is missing")
-    return None
+  arch, overrides = _field(config, "model.arch"), _field(config, "model.overrides")
   try:
-    return models.create(_get(m, "arch"), **dict(_get(m, "overrides", {}) or {}))
+    return models.create(arch, **dict(overrides or {}))
   except (ValueError, TypeError) as e:
     problems.append(f"config.model: {e}")
     return None
@@ -75,81 +79,69 @@ def _model_of(config, problems: list):
 def _ase_schedule(a, model):
   """The ASEPlan of `config.ase` for `model` (errors propagate)."""
   from jaxee.exits import ase as ase_lib  # pylint: disable=g-import-not-at-top
-  name = _get(a, "schedule", "D3")
-  custom = _get(a, "custom_schedule", None)
   kwargs = {}
-  if _get(a, "time_schedule", None):
-    kwargs["time_schedule"] = _get(a, "time_schedule")
-  if custom:
-    return ase_lib.ASEPlan(tuple(int(v) for v in custom), name="custom", **kwargs)
-  depth = ase_lib.capacity(model) if _get(a, "scale_to_model", False) else None
-  return ase_lib.ase_plan(name, depth=depth, **kwargs)
+  if a.time_schedule:
+    kwargs["time_schedule"] = a.time_schedule
+  if a.custom_schedule:
+    return ase_lib.ASEPlan(tuple(int(v) for v in a.custom_schedule), name="custom", **kwargs)
+  depth = ase_lib.capacity(model) if a.scale_to_model else None
+  return ase_lib.ase_plan(a.schedule, depth=depth, **kwargs)
 
 
 def _validate_ase(config, model, p: list) -> None:
   from jaxee import losses  # pylint: disable=g-import-not-at-top
-  a = _section(config, "ase")
-  if a is None:
-    p.append("method 'ase' needs a config.ase section")
-    return
+  a = config.ase
   if model is not None:
     try:
       _ase_schedule(a, model).validate(model)
     except ValueError as e:
       p.append(f"config.ase: {e}")
-  if _get(a, "lambda_mode", "cycle") not in losses.LAMBDA_MODES:
-    p.append(f"config.ase.lambda_mode {_get(a, 'lambda_mode')!r} unknown; choose from "
+  if a.lambda_mode not in losses.LAMBDA_MODES:
+    p.append(f"config.ase.lambda_mode {a.lambda_mode!r} unknown; choose from "
              f"{losses.LAMBDA_MODES}")
-  if float(_get(a, "lambda_boost", 2.0)) < 1.0:
+  if float(a.lambda_boost) < 1.0:
     p.append(f"config.ase.lambda_boost must be >= 1 (λ on dropped intervals), got "
-             f"{_get(a, 'lambda_boost')}")
-  if _get(a, "lambda_mode", "cycle") == "cycle" and int(_get(a, "cycle_length", 0)) <= 0:
+             f"{a.lambda_boost}")
+  if a.lambda_mode == "cycle" and int(a.cycle_length) <= 0:
     p.append("config.ase.cycle_length must be > 0 with lambda_mode='cycle'")
   for name in ("plateau_window", "plateau_patience"):
-    if int(_get(a, name, 1)) < 1:
-      p.append(f"config.ase.{name} must be >= 1, got {_get(a, name)}")
-  if float(_get(a, "plateau_rel_tol", 1e-3)) < 0:
-    p.append(f"config.ase.plateau_rel_tol must be >= 0, got {_get(a, 'plateau_rel_tol')}")
+    if int(a[name]) < 1:
+      p.append(f"config.ase.{name} must be >= 1, got {a[name]}")
+  if float(a.plateau_rel_tol) < 0:
+    p.append(f"config.ase.plateau_rel_tol must be >= 0, got {a.plateau_rel_tol}")
 
 
 def _validate_deediff(config, model, p: list) -> None:
   from jaxee.exits import deediff_heads  # pylint: disable=g-import-not-at-top
   from jaxee.train import deediff_loss  # pylint: disable=g-import-not-at-top
-  d = _section(config, "deediff")
-  if d is None:
-    p.append("method 'deediff' needs a config.deediff section")
-    return
-  theta = float(_get(d, "threshold", 0.08))
+  d = config.deediff
+  theta = float(d.threshold)
   if not 0.0 <= theta <= 1.0:
     p.append(f"config.deediff.threshold θ must be in [0, 1], got {theta}")
-  if _get(d, "variant", "paper") not in deediff_loss.VARIANTS:
-    p.append(f"config.deediff.variant {_get(d, 'variant')!r} unknown; choose from "
+  if d.variant not in deediff_loss.VARIANTS:
+    p.append(f"config.deediff.variant {d.variant!r} unknown; choose from "
              f"{deediff_loss.VARIANTS}")
-  if _get(d, "uem", "token_mean") not in deediff_heads.UEM_KINDS:
-    p.append(f"config.deediff.uem {_get(d, 'uem')!r} unknown; choose from "
-             f"{deediff_heads.UEM_KINDS}")
+  if d.uem not in deediff_heads.UEM_KINDS:
+    p.append(f"config.deediff.uem {d.uem!r} unknown; choose from {deediff_heads.UEM_KINDS}")
   for name in ("lam", "beta"):
-    if float(_get(d, name, 1.0)) < 0:
-      p.append(f"config.deediff.{name} must be >= 0, got {_get(d, name)}")
+    if float(d[name]) < 0:
+      p.append(f"config.deediff.{name} must be >= 0, got {d[name]}")
 
 
 def _validate_duodiff(config, model, p: list) -> None:
   from jaxee import losses  # pylint: disable=g-import-not-at-top
-  d = _section(config, "duodiff")
-  if d is None:
-    p.append("method 'duodiff' needs a config.duodiff section")
-    return
-  t_s = float(_get(d, "t_switch", 300))
+  d = config.duodiff
+  t_s = float(d.t_switch)
   if not 0 <= t_s <= 1000:
     p.append(f"config.duodiff.t_switch t_s must be in [0, 1000] (steps of the 1000-step "
              f"chain from the noise end), got {t_s}")
-  if _get(d, "rule", "threshold") not in ("threshold", "lagged"):
-    p.append(f"config.duodiff.rule {_get(d, 'rule')!r} unknown; choose 'threshold' or 'lagged'")
-  if _get(d, "init", "deep") not in ("deep", "scratch"):
-    p.append(f"config.duodiff.init {_get(d, 'init')!r} unknown; choose 'deep' or 'scratch'")
+  if d.rule not in ("threshold", "lagged"):
+    p.append(f"config.duodiff.rule {d.rule!r} unknown; choose 'threshold' or 'lagged'")
+  if d.init not in ("deep", "scratch"):
+    p.append(f"config.duodiff.init {d.init!r} unknown; choose 'deep' or 'scratch'")
   if model is not None:
     try:
-      losses.shallow_depth(model, int(_get(d, "shallow_layers", 3)))
+      losses.shallow_depth(model, int(d.shallow_layers))
     except ValueError as e:
       p.append(f"config.duodiff.shallow_layers: {e}")
 
@@ -157,12 +149,13 @@ def _validate_duodiff(config, model, p: list) -> None:
 def _validate_masks(config, model, p: list) -> None:
   del model
   from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
-  m = _section(config, "masks")
+  m = config.get("masks")
   if m is None:
-    p.append("method 'masks' needs a config.masks section")
+    p.append("method 'masks' needs a config.masks section "
+             "(jaxee.train.config_base.masks_section)")
     return
   try:
-    masks_opt.options_from_config(m)
+    masks_opt.options_from_config(m)   # fields over `masks_opt.DEFAULTS` (= masks_section)
   except ValueError as e:
     p.append(str(e))
 
@@ -174,23 +167,28 @@ _VALIDATORS = {"ase": _validate_ase, "deediff": _validate_deediff,
 def validate(config) -> None:
   """Checks `config` for its method; raises one ValueError listing every problem.
 
-  Checks: a known method and model (arch and overrides), and per method: ASE schedule name,
+  Checks: a known method and model (arch and overrides); the method section against the
+  schema (`config_base.check_section`: no field missing, none unknown; 'masks' through
+  `masks_opt.options_from_config`); and per method: ASE schedule name,
   depth (deeper than the model → error, unless `scale_to_model`), λ mode; DeeDiff θ ∈ [0, 1],
   variant, UEM; DuoDiff t_s ∈ [0, 1000], shallow layer count, init; masks options
   (`masks_opt.validate_options`). Also the shared optimizer / EMA values.
   """
   problems: list = []
-  method = _get(config, "method")
+  method = _field(config, "method")
   if method not in METHODS:
     raise ValueError(f"invalid config: method {method!r} unknown; choose from {METHODS}")
   model = _model_of(config, problems)
-  if method in _VALIDATORS:
+  schema_problems = (config_base.check_section(config, method)
+                     if method in ("ase", "deediff", "duodiff") else [])
+  problems.extend(schema_problems)
+  if method in _VALIDATORS and not schema_problems:
     _VALIDATORS[method](config, model, problems)
-  o, t = _section(config, "optim"), _section(config, "train")
-  if o is not None and float(_get(o, "lr", 1e-4)) <= 0:
-    problems.append(f"config.optim.lr must be > 0, got {_get(o, 'lr')}")
-  if t is not None and not 0.0 <= float(_get(t, "ema_decay", 0.9999)) <= 1.0:
-    problems.append(f"config.train.ema_decay must be in [0, 1], got {_get(t, 'ema_decay')}")
+  lr, ema_decay = _field(config, "optim.lr"), _field(config, "train.ema_decay")
+  if float(lr) <= 0:
+    problems.append(f"config.optim.lr must be > 0, got {lr}")
+  if not 0.0 <= float(ema_decay) <= 1.0:
+    problems.append(f"config.train.ema_decay must be in [0, 1], got {ema_decay}")
   if problems:
     raise ValueError(f"invalid {method!r} config:\n  " + "\n  ".join(problems))
 
@@ -242,8 +240,7 @@ def _export_weights(workdir, model, params, source: str) -> pathlib.Path:
 
 
 def _loss_section(config):
-  loss = _section(config, "loss")
-  return _get(loss, "schedule", None), _get(loss, "label_dropout", None)
+  return _field(config, "loss.schedule"), _field(config, "loss.label_dropout")
 
 
 def _build_ase(config, model, params, rng) -> MethodSetup:
@@ -252,24 +249,22 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
   a = config.ase
   plan = _ase_schedule(a, model)
   schedule, label_dropout = _loss_section(config)
-  mode = _get(a, "lambda_mode", "cycle")
+  mode = a.lambda_mode
   loss_fn = losses.make_ase_loss(
-      model, plan, boost=float(_get(a, "lambda_boost", 2.0)), lambda_mode=mode,
-      cycle_length=int(_get(a, "cycle_length", 10_000)),
-      cycle_repeat=bool(_get(a, "cycle_repeat", False)), schedule=schedule,
+      model, plan, boost=float(a.lambda_boost), lambda_mode=mode,
+      cycle_length=int(a.cycle_length), cycle_repeat=bool(a.cycle_repeat), schedule=schedule,
       label_dropout=label_dropout)
   frozen = []
-  if _get(a, "freeze_time_embedder", False):
-    if model.family == "dit":
-      frozen.append("t_embedder/.*")
-    elif getattr(model, "mlp_time_embed", False):
-      frozen.append("time_embed_.*")
+  if a.freeze_time_embedder:
+    pattern = as_backbone(model).time_embedder_pattern
+    if pattern:
+      frozen.append(pattern)
   setup = MethodSetup("ase", model, params, loss_fn, tuple(frozen))
   if mode == "plateau":
-    log_every = int(_get(config.train, "log_every", 100))
-    window = max(1, int(_get(a, "plateau_window", 1000)) // log_every)
-    patience = int(_get(a, "plateau_patience", 3))
-    rel_tol = float(_get(a, "plateau_rel_tol", 1e-3))
+    log_every = int(_field(config, "train.log_every"))
+    window = max(1, int(a.plateau_window) // log_every)
+    patience = int(a.plateau_patience)
+    rel_tol = float(a.plateau_rel_tol)
     setup.extras = {"ase_boost": np.float32(1.0)}
     setup.host = {"ase_plateau": losses.plateau_init()}
 
@@ -287,7 +282,7 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
   def exporter(workdir, weights):
     _export_weights(workdir, model, weights, f"jaxee ASE fine-tuning ({plan.name}, EMA)")
     path = pathlib.Path(workdir) / ASE_PLAN_FILE
-    spec = {"name": plan.name, "schedule": list(plan.schedule), "family": model.family,
+    spec = {"name": plan.name, "schedule": list(plan.table), "family": model.family,
             "time_schedule": plan.time_schedule, "speedup": plan.speedup}
     atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
     return str(path)
@@ -309,17 +304,16 @@ def load_ase_export(workdir):
 def _build_deediff(config, model, params, rng) -> MethodSetup:
   from jaxee.train import deediff_loss  # pylint: disable=g-import-not-at-top
   d = config.deediff
-  uem = _get(d, "uem", "token_mean")
-  freeze = bool(_get(d, "freeze_backbone", True))
+  uem = d.uem
+  freeze = bool(d.freeze_backbone)
   schedule, label_dropout = _loss_section(config)
   train_params = deediff_loss.init_deediff_train_params(
-      model, params, rng, uem=uem, heads_from_backbone=bool(_get(d, "heads_from_backbone", False)))
+      model, params, rng, uem=uem, heads_from_backbone=bool(d.heads_from_backbone))
   loss_fn = deediff_loss.make_deediff_loss(
-      model, schedule, lam=float(_get(d, "lam", 1.0)), beta=float(_get(d, "beta", 1.0)),
-      variant=_get(d, "variant", "paper"), train_backbone=not freeze, uem=uem,
-      unweighted_head_loss=bool(_get(d, "unweighted_head_loss", False)),
+      model, schedule, lam=float(d.lam), beta=float(d.beta), variant=d.variant,
+      train_backbone=not freeze, uem=uem, unweighted_head_loss=bool(d.unweighted_head_loss),
       label_dropout=label_dropout)
-  threshold = float(_get(d, "threshold", 0.08))
+  threshold = float(d.threshold)
 
   def exporter(workdir, weights):
     import jax  # pylint: disable=g-import-not-at-top
@@ -375,10 +369,10 @@ def _build_duodiff(config, model, params, rng) -> MethodSetup:
   from jaxee import models  # pylint: disable=g-import-not-at-top
   from jaxee.convert import backbone_rules  # pylint: disable=g-import-not-at-top
   d = config.duodiff
-  overrides = dict(_get(config.model, "overrides", {}) or {})
-  overrides["depth"] = losses.shallow_depth(model, int(_get(d, "shallow_layers", 3)))
+  overrides = dict(config.model.overrides or {})
+  overrides["depth"] = losses.shallow_depth(model, int(d.shallow_layers))
   shallow = models.create(config.model.arch, **overrides)
-  if _get(d, "init", "deep") == "deep":
+  if d.init == "deep":
     shallow_params = losses.init_shallow_from_deep(params, model, shallow)
   else:
     inputs = backbone_rules.example_inputs(shallow)
@@ -386,13 +380,13 @@ def _build_duodiff(config, model, params, rng) -> MethodSetup:
         jax.jit(lambda k: shallow.init(k, *inputs)["params"])(rng)))
   schedule, label_dropout = _loss_section(config)
   loss_fn = losses.make_duodiff_loss(shallow, schedule=schedule, label_dropout=label_dropout)
-  t_switch, rule = float(_get(d, "t_switch", 300)), _get(d, "rule", "threshold")
+  t_switch, rule = float(d.t_switch), d.rule
 
   def exporter(workdir, weights):
     _export_weights(workdir, shallow, weights, "jaxee DuoDiff shallow backbone (EMA)")
     path = pathlib.Path(workdir) / DUODIFF_FILE
     spec = {"t_switch": t_switch, "rule": rule,
-            "shallow_layers": int(_get(d, "shallow_layers", 3)),
+            "shallow_layers": int(d.shallow_layers),
             "deep_model": models.model_config(model)}
     atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
     return str(path)

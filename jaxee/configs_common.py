@@ -1,13 +1,18 @@
-"""Shared helpers of the method configs (ASE, DeeDiff, DuoDiff, TABM masks).
+"""Shared helpers of the config files in `configs/` (the one module they import).
 
-The schema and defaults come from `jaxee/train/config_base.py` (documented in `jaxee/main.py`);
-this file adds the method sections with the papers' constants (`research/ee_methods.md` §5),
-the paper backbones, the tiny `runlocal` shrink and `finish(c)`, which validates the config
-(`jaxee.train.methods.validate`) so that a bad setting fails when the file is loaded.
+Every config file does `from jaxee import configs_common as common` (config files are loaded by
+path through absl `config_flags` or `importlib`, and import the installed package like any other
+code), so they work both under `python -m jaxee.main --config=configs/x.py:arg` and from tests.
 
-Config files load this module by path (the `_common()` loader at the top of each file), so they
-work both under `python -m jaxee.main --config=configs/x.py:arg` and from tests. Loading a config
-initialises no JAX backend.
+Training configs (ASE, DeeDiff, DuoDiff, TABM masks): the schema and every default come from
+`jaxee/train/config_base.py` (`base_config()` and the method-section builders re-exported
+here); this module adds the papers' backbones and data (`research/ee_methods.md` §5), the
+DuoDiff/DeeDiff optimizer recipe, the tiny `runlocal` shrink and `finish(c)`, which validates
+the config (`jaxee.train.methods.validate`) so that a bad setting fails when the file is loaded.
+Sampling configs (`configs/sample_*.py`): `sample_base_config()`, the shared field set checked
+by `jaxee.sample_main.validate_config`.
+
+Loading a config initialises no JAX backend.
 """
 from __future__ import annotations
 
@@ -18,6 +23,14 @@ from ml_collections import config_dict
 from jaxee.train import config_base
 
 SET_ME = "SET_ME"
+
+# The method sections (the schema; one default per field).
+ase_section = config_base.ase_section
+deediff_section = config_base.deediff_section
+duodiff_section = config_base.duodiff_section
+masks_section = config_base.masks_section
+parse_arg = config_base.parse_arg
+tiny_runlocal = config_base.tiny_runlocal
 
 # The backbones of the papers' settings (`jaxee.models` preset names + overrides).
 # DuoDiff/DeeDiff (`razvanmatisan/duodiff` configs, §3.1) train U-ViTs on the linear β chain of
@@ -101,72 +114,6 @@ def duodiff_recipe(c, num_steps: int) -> None:
   c.train.seed = 1
 
 
-def ase_section(schedule: str, **kw) -> config_dict.ConfigDict:
-  """`config.ase` (§5.1; λ(t) fields are jaxee's reading of Alg. 1, see `jaxee/losses.py`)."""
-  a = config_dict.ConfigDict()
-  a.schedule = schedule                      # table name, e.g. 'D3-DiT', 'D6-U-ViT'
-  a.custom_schedule = config_dict.placeholder(tuple)   # 10 block counts instead of a name
-  a.scale_to_model = False                   # rescale the table to the model's depth
-  a.time_schedule = config_dict.placeholder(str)       # τ convention (default: the model's)
-  a.lambda_boost = 2.0                       # λ on the dropped (noise-side) intervals
-  a.lambda_mode = "plateau"                  # 'plateau' | 'cycle' | 'constant'
-  a.cycle_length = 10_000                    # C, steps of the boosted phase ('cycle')
-  a.cycle_repeat = False
-  a.plateau_window = 1_000                   # steps per plateau comparison (>= log_every)
-  a.plateau_patience = 3
-  a.plateau_rel_tol = 1e-3
-  a.freeze_time_embedder = True              # `train_dit.sh --freeze_time_embedder`
-  a.update(kw)
-  return a
-
-
-def deediff_section(threshold: float, **kw) -> config_dict.ConfigDict:
-  """`config.deediff` (§2.4–2.6, §5.2): λ = β = 1, MLP-probe UEM, frozen backbone."""
-  d = config_dict.ConfigDict()
-  d.threshold = threshold                    # θ, used at sampling time (exported)
-  d.variant = "paper"                        # 'paper' | 'public' (duodiff trainer.py)
-  d.uem = "token_mean"                       # 'token_mean' (mlp_probe_per_layer) | 'timestep_aware'
-  d.lam = 1.0
-  d.beta = 1.0
-  d.freeze_backbone = True                   # `--load_backbone ... --freeze_backbone`
-  d.heads_from_backbone = False
-  d.unweighted_head_loss = False             # `--use_unweighted_loss`
-  d.update(kw)
-  return d
-
-
-def duodiff_section(t_switch: float = 300.0, **kw) -> config_dict.ConfigDict:
-  """`config.duodiff` (§3.2–3.3): 3-layer shallow U-ViT, t_s = 300 (README)."""
-  d = config_dict.ConfigDict()
-  d.shallow_layers = 3
-  d.t_switch = float(t_switch)
-  d.rule = "threshold"                       # 'threshold' (DDPM loop) | 'lagged' (DDIM loop)
-  d.init = "scratch"                         # 'scratch' (the paper) | 'deep' (first blocks)
-  d.update(kw)
-  return d
-
-
-def masks_section(**kw) -> config_dict.ConfigDict:
-  """`config.masks` (TABM, §4.7, §5.5), defaults of `jaxee/train/masks_opt.py`."""
-  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
-  m = config_dict.ConfigDict()
-  for key, value in masks_opt.DEFAULTS.items():
-    if key == "seed":
-      continue
-    if key == "schedule":
-      m[key] = config_dict.placeholder(str)
-    elif key == "guidance":
-      m[key] = config_dict.placeholder(float)
-    elif key == "sampler_options":
-      m[key] = config_dict.ConfigDict(dict(value))
-    else:
-      m[key] = value
-  m.seed = config_dict.placeholder(int)      # default: train.seed
-  for key, value in kw.items():
-    m[key] = config_dict.ConfigDict(value) if isinstance(value, dict) else value
-  return m
-
-
 def runlocal(c, *, family: str = "dit", depth: int = 4, num_classes: int = 10,
              **model_kw) -> config_dict.ConfigDict:
   """The tiny CI shrink: digits at 8x8, a width-32 backbone, 3 steps, a checkpoint at the end."""
@@ -191,4 +138,49 @@ def finish(c) -> config_dict.ConfigDict:
   """Validates the config for its method (`jaxee.train.methods.validate`) and returns it."""
   from jaxee.train import methods  # pylint: disable=g-import-not-at-top
   methods.validate(c)
+  return c
+
+
+def sample_base_config() -> config_dict.ConfigDict:
+  """Fields shared by every sampling config (values are DiT-XL/2-256 FID-50K)."""
+  c = config_dict.ConfigDict()
+  c.ckpt = "SET_ME: converted dir or DiT-XL-2-256x256.pt"
+  c.arch = "dit_xl_2"
+  c.model_overrides = config_dict.ConfigDict({"input_size": 32, "num_classes": 1000})
+  c.vae_ckpt = config_dict.placeholder(str)
+  c.vae_ckpt = "SET_ME: converted dir or sd-vae-ft-ema diffusion_pytorch_model.bin"
+  c.vae_kind = "auto"  # layout of a torch VAE file: 'auto' | 'compvis' | 'diffusers'
+  c.sampler = "ddpm"
+  c.steps = 250
+  c.schedule = config_dict.placeholder(str)  # None: the model family's default
+  c.guidance = config_dict.placeholder(float)
+  c.guidance = 1.5
+  c.labels = "random"
+  c.num_samples = 50_000
+  c.batch_size = 32
+  c.shard_size = 1000
+  c.seed = 0
+  c.plan = config_dict.placeholder(str)
+  c.plan_options = config_dict.ConfigDict({
+      "depth": config_dict.placeholder(int),  # ASE: rescale the table to this depth
+      "runner": "loop",  # ASE runner: 'loop' (one while body) | 'switch' (a branch per depth)
+      "rectify": False,  # mask plans: TABM rectification
+      "shallow_ckpt": config_dict.placeholder(str),  # DuoDiff shallow model
+      "shallow_arch": config_dict.placeholder(str),
+      "shallow_depth": config_dict.placeholder(int),
+      "t_switch": 300.0,
+      "rule": "threshold",  # DuoDiff: 'threshold' (DDPM loop) | 'lagged' (DDIM loop)
+      "heads": config_dict.placeholder(str),  # DeeDiff: workdir or deediff_heads.npz
+      "threshold": config_dict.placeholder(float),  # DeeDiff θ (default: the file's)
+      "mode": "batched",  # DeeDiff runner: 'batched' (real exit) | 'exact' (reference)
+      "min_fraction": 1.0,  # DeeDiff batched: stop once this fraction has exited
+  })
+  c.sampler_options = config_dict.ConfigDict()
+  c.uint8 = "dit_fid"
+  c.out_dir = "runs/sample_dit_xl_2_256"
+  c.merge = False
+  c.force = False
+  c.progress = True
+  c.multi_device = True
+  c.grid_nrow = 8
   return c
