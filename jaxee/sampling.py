@@ -22,6 +22,7 @@ import numpy as np
 from jaxee.diffusion import guidance as guidance_lib
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.diffusion import schedules as schedules_lib
+from jaxee import validation
 from jaxee.eval import flops as flops_lib
 
 # Options that only the continuous / DDIM samplers take.
@@ -157,6 +158,8 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
   """
   if sampler not in _SAMPLER_OPTIONS:
     raise ValueError(f"unknown sampler {sampler!r}; choose from {tuple(_SAMPLER_OPTIONS)}")
+  steps = validation.check_sample_args(model, num=num, labels=labels, guidance=guidance,
+                                       sampler=sampler, steps=steps, schedule=schedule)
   size = model.input_size if model.family == "dit" else model.img_size
   channels = model.in_channels if model.family == "dit" else model.in_chans
   if x_T is None:
