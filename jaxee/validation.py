@@ -178,3 +178,17 @@ def check_finite(array: Any, what: str) -> None:
     raise NonFiniteError(f"{what} holds {n_bad} non-finite value(s) of {values.size} (NaN/Inf): "
                          f"check the checkpoint weights (convert warns about NaN/Inf tensors), "
                          f"the guidance scale and the sampler settings")
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+  """Names of the floating-point arrays of a flat `{name: array}` dict that hold NaN or Inf."""
+  bad = []
+  for name, value in tensors.items():
+    value = np.asarray(value)
+    if value.dtype.kind not in "fc" and not value.dtype.name.startswith(("bfloat", "float8")):
+      continue
+    if value.dtype.kind not in "fc":  # ml_dtypes (bf16, fp8): compare as float32
+      value = value.astype(np.float32)
+    if not np.isfinite(value).all():
+      bad.append(name)
+  return sorted(bad)
