@@ -63,6 +63,8 @@ def check_sampler_schedule(model, sampler: str, schedule: Any = None) -> None:
   name = schedule_name(schedule if schedule is not None else model.default_schedule)
   if name is None:  # a custom schedule object: the sampler decides
     return
+  if name not in table.values():
+    raise ValueError(f"unknown schedule {name!r}; choose from {sorted(set(table.values()))}")
   accepted = [s for s, sch in table.items() if sch == name]
   if table[sampler] != name:
     origin = "given" if schedule is not None else f"{type(model).__name__}'s default"
@@ -98,7 +100,8 @@ def check_labels(model, labels: Any, guided: bool) -> None:
   n_real = num_real_classes(model)
   if n_real <= 0:
     raise ValueError(f"this {type(model).__name__} is unconditional; pass labels=None")
-  dtype = np.dtype(getattr(labels, "dtype", None) or np.asarray(labels).dtype)
+  dtype = getattr(labels, "dtype", None)
+  dtype = np.dtype(dtype if dtype is not None else np.asarray(labels).dtype)
   if dtype.kind not in "iu":
     raise ValueError(f"labels must be integer class ids, got dtype {dtype} (e.g. 1.7 is not a "
                      f"class); cast them to int32 deliberately if that is what you mean")
@@ -120,8 +123,8 @@ def check_guidance(model, guidance: Any, labels: Any) -> None:
   """Guidance must be a finite number and needs labels (and a null class)."""
   if guidance is None:
     return
-  if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) and np.ndim(
-      guidance) != 0:
+  is_number = isinstance(guidance, numbers.Real) or np.ndim(guidance) == 0
+  if isinstance(guidance, bool) or not is_number:
     raise ValueError(f"guidance must be a number or None, got {guidance!r}")
   if not math.isfinite(float(guidance)):
     raise ValueError(f"guidance must be finite, got {float(guidance)}")

@@ -96,3 +96,8 @@ def test_check_finite_names_what():
   validation.check_finite(np.arange(3), "ints are always finite")
   with pytest.raises(validation.NonFiniteError, match="samples of shard 3.*2 non-finite"):
     validation.check_finite(np.array([1.0, np.nan, np.inf]), "samples of shard 3, batch 0")
+
+
+def test_unknown_schedule_name_is_refused(dit):
+  with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+    _sample(dit, sampler="ddim", steps=4, schedule="cosine")
