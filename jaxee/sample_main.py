@@ -361,7 +361,8 @@ class ShardSampler:
     labels = None if labels is None else self._split(labels)
     x = sampling_lib.sample(self.model, self.params, k_sample, sampler=self.config.sampler,
                             steps=int(self.config.steps), labels=labels, guidance=self.guidance,
-                            plan=self.plan, x_T=x_T, schedule=self.schedule, **self.options)
+                            plan=self.plan, x_T=x_T, schedule=self.schedule,
+                            check_finite=False, **self.options)  # checked below, named
     if self.decode is not None:
       x = self.decode(self.vae_params, x)
     x = np.asarray(jax.device_get(x), np.float32)

@@ -130,7 +130,8 @@ def _key(store: dict, obj) -> Any:
 
 def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddim",
            steps: int = 50, labels=None, guidance: Optional[float] = None, plan=None,
-           x_T=None, schedule=None, return_stats: bool = False, **sampler_options):
+           x_T=None, schedule=None, return_stats: bool = False, check_finite: bool = True,
+           **sampler_options):
   """Samples `num` images (or latents) from a backbone.
 
   Args:
@@ -149,6 +150,7 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     schedule: a schedule name ('linear_discrete', 'vp_continuous', 'sd_discrete') or object;
       default from the model family.
     return_stats: also return per-NFE exit statistics.
+    check_finite: raise `validation.NonFiniteError` when the samples hold NaN/Inf.
     **sampler_options: `eta` (ddim), `eps` / `T` (continuous samplers).
 
   Returns:
@@ -180,6 +182,8 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
                             _key(_PLANS, plan), guided, tuple(sorted(sampler_options.items())))
   scale = jnp.float32(guidance if guided else 0.0)
   x, _, stats = fn(params, rng, x_T, labels, scale)
+  if check_finite:
+    validation.check_finite(x, f"the samples of jaxee.sample ({sampler}, {steps} steps)")
   if not return_stats:
     return x
   stats = dict(stats)

@@ -23,6 +23,7 @@ import numbers
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Schedule classes by the name `SAMPLER_SCHEDULES` uses (looked up lazily: no import cycle).
@@ -172,6 +173,11 @@ def check_finite(array: Any, what: str) -> None:
     array: a NumPy/JAX array (fetched to the host).
     what: what it is and where it came from, e.g. 'samples of shard 3, batch 0'.
   """
+  if isinstance(array, jax.core.Tracer):  # under an outer jit: nothing concrete to check
+    return
+  if isinstance(array, jax.Array):
+    if not jnp.issubdtype(array.dtype, jnp.inexact) or bool(jnp.isfinite(array).all()):
+      return  # one boolean comes back to the host, not the array
   values = np.asarray(jax.device_get(array))
   if values.dtype.kind not in "fc":
     return

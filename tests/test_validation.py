@@ -101,3 +101,15 @@ def test_check_finite_names_what():
 def test_unknown_schedule_name_is_refused(dit):
   with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
     _sample(dit, sampler="ddim", steps=4, schedule="cosine")
+
+
+def test_non_finite_samples_are_refused_at_the_public_api(fixtures_dir):
+  from jaxee import convert
+  model = models.create("dit", **TINY)
+  params = convert.from_torch(fixtures_dir / "dit_tiny.pt", "dit", **TINY)
+  params = jax.tree.map(lambda p: np.full_like(p, np.nan), params)
+  kw = dict(num=2, sampler="ddim", steps=2, labels=jnp.array([1, 2]))
+  with pytest.raises(validation.NonFiniteError, match=r"samples of jaxee.sample \(ddim, 2 steps\)"):
+    jaxee.sample(model, params, jax.random.key(0), **kw)
+  out = jaxee.sample(model, params, jax.random.key(0), check_finite=False, **kw)
+  assert np.isnan(np.asarray(out)).all()
