@@ -89,8 +89,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   Returns:
     A summary dict (for 'masks': `{'plan': path}` from `masks_opt.run`).
   """
+  import pathlib  # pylint: disable=g-import-not-at-top
   from jaxee.train import trainer  # pylint: disable=g-import-not-at-top
+  from jaxee.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   trainer.validate_config(config)
+  workdir_lib.check_workdir(pathlib.Path(workdir), create=False)
   if config.method == "masks":
     try:
       from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top

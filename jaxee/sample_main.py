@@ -16,13 +16,18 @@ float32 NHWC; `labels`: int32, -1 when unconditional; `index`: global sample num
 Resume: the randomness of shard k is a pure function of (seed, k) (`fold_in`), every file is
 written atomically (temp file + `os.replace`), so re-running the same command skips the shards
 already present and ends with byte-identical output. A shard that exists but cannot be read is
-recomputed. `config.json` is written just before the first shard, so a run that fails on bad
-input leaves nothing behind. A run refuses an `out_dir` whose `config.json` differs in a key that
-changes the samples (a mask plan file counts by its SHA-256) unless `force=True`.
+recomputed, and so is one whose content is not what that shard must be (its recorded SHA-256,
+`index`, shape and dtype; see `jaxee.sample_shards`). `config.json` is written only once the first
+shard has been computed, so a run that fails on bad input leaves nothing behind. A run refuses an
+`out_dir` whose `config.json` differs in a key that changes the samples (a mask plan file counts
+by its SHA-256) unless `force=True`; `provenance.json` records which config made which shard. One
+process at a time owns an out_dir (a lock file); non-finite samples stop the run with an error
+naming the shard and batch, before anything of that shard is written.
 """
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 from typing import Any, Callable, Optional
@@ -37,6 +42,7 @@ from jaxee import convert
 from jaxee import models
 from jaxee import sample_shards
 from jaxee import sampling as sampling_lib
+from jaxee import validation
 from jaxee.convert import vae_rules
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.eval import images as images_lib
@@ -69,7 +75,10 @@ def parse_labels(spec: Any) -> Any:
     except ValueError:
       raise ValueError(f"config.labels must be 'random', 'none' or comma-separated ints, "
                        f"got {spec!r}") from None
-  return [int(v) for v in spec]
+  labels = list(spec)
+  if any(isinstance(v, bool) or float(v) != int(v) for v in labels):
+    raise ValueError(f"config.labels must be whole class numbers, got {spec!r}")
+  return [int(v) for v in labels]
 
 
 def validate_config(config) -> None:
@@ -79,7 +88,9 @@ def validate_config(config) -> None:
     problems.append(f"unknown sampler {config.sampler!r}; choose from {SAMPLERS}")
   if int(config.steps) < 1:
     problems.append(f"steps must be >= 1, got {config.steps}")
-  if config.get("guidance") is not None and float(config.guidance) < 0:
+  if config.get("guidance") is not None and not math.isfinite(float(config.guidance)):
+    problems.append(f"guidance must be a finite number (or None), got {config.guidance}")
+  elif config.get("guidance") is not None and float(config.guidance) < 0:
     problems.append(f"guidance must be >= 0 (or None), got {config.guidance}")
   for key in ("num_samples", "batch_size", "shard_size"):
     if int(config[key]) < 1:
@@ -232,6 +243,9 @@ class ShardSampler:
       raise ValueError(f"sampler {config.sampler!r} runs on the "
                        f"{SAMPLER_SCHEDULES[config.sampler]!r} schedule but this model defaults to "
                        f"{schedule_name!r}; pick a matching sampler or set config.schedule")
+    validation.check_sample_args(model, num=None, labels=None, guidance=None,
+                                 sampler=config.sampler, steps=config.steps,
+                                 schedule=self.schedule)
     self.plan_info = self._bind_plan_once(params)
     self.mesh = None
     if config.get("multi_device", True) and jax.local_device_count() > 1:
@@ -246,6 +260,10 @@ class ShardSampler:
                          f"{self.channels}")
       self.decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
     self.kind = "images" if (vae is not None or self.channels == 3) else "latents"
+    self.sample_shape = (self.size, self.size, self.channels)
+    if self.decode is not None:
+      z = jax.ShapeDtypeStruct((1, *self.sample_shape), jnp.float32)
+      self.sample_shape = tuple(jax.eval_shape(self.decode, self.vae_params, z).shape[1:])
     self.dit_fid = config.get("uint8", "dit_fid") == "dit_fid"
 
   def _bind_plan_once(self, params) -> dict:
@@ -285,16 +303,21 @@ class ShardSampler:
     idx = (start + np.arange(n)) % len(self.labels)
     return jnp.asarray(np.asarray(self.labels, np.int32)[idx])
 
-  def sample_batch(self, key, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  def sample_batch(self, key, start: int, n: int,
+                   where: str = "batch") -> tuple[np.ndarray, np.ndarray]:
     """`n` final samples (uint8 images or float latents) and their labels (-1: none).
 
     Args:
       key: the batch's PRNG key (start noise, labels and sampler noise are split from it).
       start: global index of the batch's first sample (cycles a label list).
       n: batch size.
+      where: names the batch in a non-finite error (e.g. 'shard 3, batch 0').
 
     Returns:
       `(samples, labels)` as host arrays.
+
+    Raises:
+      validation.NonFiniteError: the samples hold NaN/Inf.
     """
     k_noise, k_label, k_sample = jax.random.split(key, 3)
     shape = (n, self.size, self.size, self.channels)
@@ -303,10 +326,12 @@ class ShardSampler:
     labels = None if labels is None else self._split(labels)
     x = sampling_lib.sample(self.model, self.params, k_sample, sampler=self.config.sampler,
                             steps=int(self.config.steps), labels=labels, guidance=self.guidance,
-                            plan=self.plan, x_T=x_T, schedule=self.schedule, **self.options)
+                            plan=self.plan, x_T=x_T, schedule=self.schedule,
+                            check_finite=False, **self.options)  # checked below, named
     if self.decode is not None:
       x = self.decode(self.vae_params, x)
     x = np.asarray(jax.device_get(x), np.float32)
+    validation.check_finite(x, f"the samples of {where} (samples {start}..{start + n - 1})")
     out = images_lib.to_uint8(x, dit_fid=self.dit_fid) if self.kind == "images" else x
     y = np.full((n,), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
     return out, y
@@ -331,7 +356,8 @@ class ShardSampler:
       compiled = n not in self._shapes_seen
       self._shapes_seen.add(n)
       t0 = time.perf_counter()
-      x, y = self.sample_batch(jax.random.fold_in(key, b), start0 + offset, n)
+      x, y = self.sample_batch(jax.random.fold_in(key, b), start0 + offset, n,
+                               where=f"shard {k}, batch {b}")
       timer.append((time.perf_counter() - t0, n, compiled))
       xs.append(x)
       ys.append(y)
@@ -380,26 +406,38 @@ def run_sampling(config, *, on_shard: Optional[Callable[[int, dict], None]] = No
   if plan_files:
     saved["plan_file_sha256"] = sample_shards.sha256(plan_files[0])
   out = pathlib.Path(config.out_dir).expanduser().absolute()
-  sample_shards.prepare_out_dir(out, saved, bool(config.get("force", False)))
+  with sample_shards.claim_out_dir(out):
+    return _run_claimed(config, out, saved, on_shard)
+
+
+def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
+  """`run_sampling` once `out` is claimed: resume, sample the missing shards, write manifest."""
+  old_config = sample_shards.prepare_out_dir(out, saved, bool(config.get("force", False)))
   model, params = load_backbone(config)
   vae, vae_params = load_vae(config)
   sampler = ShardSampler(config, model, params, vae, vae_params, make_plan(config, model, params))
   counts = shard_counts(int(config.num_samples), int(config.shard_size))
+  provenance = sample_shards.Provenance(out)
   timer, n_done, n_skipped, config_written = [], 0, 0, False
   grid_path = out / "grid.png"
   bar = tqdm.tqdm(total=sum(counts), unit="img", desc="sampling", dynamic_ncols=True,
                   disable=not config.get("progress", True))
   for k, count in enumerate(counts):
     path = out / "shards" / f"shard_{k:05d}.npz"
-    arrays = read_shard(path, count)
+    arrays = read_shard(path, count, start=k * int(config.shard_size), kind=sampler.kind,
+                        sample_shape=sampler.sample_shape, digest=provenance.digest(path.name))
     if arrays is None:
+      arrays = sampler.shard(k, count, timer)
       if not config_written:  # first write of this run: the config that owns these shards
         write_json(out / "config.json", saved)
         config_written = True
-      arrays = sampler.shard(k, count, timer)
       write_npz(path, arrays)
+      provenance.record(path.name, sample_shards.sha256(path), saved)
       n_done += 1
     else:
+      digest = sample_shards.sha256(path) if provenance.digest(path.name) is None else None
+      if digest is not None:  # kept on content checks alone: sign it for the next resume
+        provenance.record(path.name, digest, old_config)
       n_skipped += 1
     if k == 0 and (n_done or not grid_path.exists()):
       data = arrays.get("images", arrays.get("latents"))
@@ -416,7 +454,7 @@ def run_sampling(config, *, on_shard: Optional[Callable[[int, dict], None]] = No
   if timer:  # a resume that computed nothing keeps the previous run's numbers
     write_json(out / "throughput.json", stats)
   manifest = sample_shards.write_manifest(out, counts, bool(config.get("merge", False)),
-                                          sampler.kind)
+                                          sampler.kind, provenance)
   return {**stats, "out_dir": str(out), "manifest": manifest}
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from jaxee.diffusion import guidance as guidance_lib
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.diffusion import schedules as schedules_lib
+from jaxee import validation
 from jaxee.models.backbone import as_backbone
 
 _TRACES = collections.Counter()
@@ -36,30 +37,11 @@ def trace_count() -> int:
   return sum(_TRACES.values())
 
 
-def schedule_kind(schedule: Any) -> str:
-  """'linear_discrete' | 'vp_continuous' | 'sd_discrete' for a schedule name or object."""
-  if isinstance(schedule, str):
-    return schedule
-  kinds = ((schedules_lib.DiscreteDiffusion, "linear_discrete"),
-           (schedules_lib.VPSDE, "vp_continuous"),
-           (schedules_lib.SDDiscreteSchedule, "sd_discrete"))
-  for cls, kind in kinds:
-    if isinstance(schedule, cls):
-      return kind
-  raise ValueError(f"unknown schedule object of type {type(schedule).__name__}")
-
-
 def check_sampler(model, sampler: str, schedule: Any = None, options: Optional[dict] = None):
-  """Raises a clear ValueError unless `sampler` runs on the model's (or the given) schedule."""
-  if sampler not in samplers_lib.SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers_lib.SAMPLERS}")
+  """Raises a clear ValueError unless `sampler` runs on the model's (or the given) schedule and
+  takes `options` (`jaxee.validation.check_sampler_schedule` names the accepted samplers)."""
+  validation.check_sampler_schedule(model, sampler, schedule)
   spec = samplers_lib.get_sampler(sampler)
-  kind = schedule_kind(schedule if schedule is not None else model.default_schedule)
-  if spec.schedule != kind:
-    raise ValueError(
-        f"sampler {sampler!r} runs on the {spec.schedule!r} schedule, but this "
-        f"{type(model).__name__} samples on {kind!r}; use one of "
-        f"{samplers_lib.samplers_for(kind)} (or pass a matching `schedule`)")
   unknown = sorted(set(options or {}) - set(spec.options))
   if unknown:
     raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {spec.options}")
@@ -138,7 +120,8 @@ def _compiled(model, sampler: str, steps: int, schedule, guided: bool, options_k
     _TRACES[(sampler, steps)] += 1  # trace-time only: counts compilations
     bound = plan.bind(model, params, times)
     denoise = guidance_lib.make_denoiser(
-        bound.net, labels, family=getattr(model, "cfg_convention", model.family), null_label=null if null is not None else 0,
+        bound.net, labels, family=getattr(model, "cfg_convention", model.family),
+        null_label=null if null is not None else 0,
         scale=scale if guided else None)
     batch_x = jnp.concatenate([x_T, x_T]) if guided else x_T
     batch_y = None if labels is None else (
@@ -173,7 +156,8 @@ def _schedule_key(sched):
 
 def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddim",
            steps: int = 50, labels=None, guidance: Optional[float] = None, plan=None,
-           x_T=None, schedule=None, return_stats: bool = False, **sampler_options):
+           x_T=None, schedule=None, return_stats: bool = False, check_finite: bool = True,
+           **sampler_options):
   """Samples `num` images (or latents) from a backbone.
 
   Args:
@@ -194,6 +178,7 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     schedule: a schedule name ('linear_discrete', 'vp_continuous', 'sd_discrete') or object;
       default from the model family.
     return_stats: also return per-NFE exit statistics.
+    check_finite: raise `validation.NonFiniteError` when the samples hold NaN/Inf.
     **sampler_options: `eta` (ddim), `eps` / `T` (continuous samplers).
 
   Returns:
@@ -202,8 +187,8 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     may add more) plus `nfe_times` when `return_stats=True`.
   """
   check_sampler(model, sampler, schedule, sampler_options)
-  if int(steps) < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
+  steps = validation.check_sample_args(model, num=num, labels=labels, guidance=guidance,
+                                       sampler=sampler, steps=steps, schedule=schedule)
   shape = tuple(as_backbone(model).input_shape)
   if x_T is None:
     if num is None:
@@ -229,6 +214,8 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     plan.check(model, times)
   scale = jnp.float32(guidance if guided else 0.0)
   x, _, stats = fn(params, plan, rng, x_T, labels, scale)
+  if check_finite:
+    validation.check_finite(x, f"the samples of jaxee.sample ({sampler}, {steps} steps)")
   if not return_stats:
     return x
   stats = dict(stats)

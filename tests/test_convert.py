@@ -1,5 +1,6 @@
 """Strict, safe conversion: nested checkpoints, offenders listed, CLI round trip, bad files."""
 import json
+import os
 import pickle
 import zipfile
 
@@ -113,3 +114,76 @@ def test_cli_converts_vae(tmp_path, fixtures_dir, capsys):
   dec = model.apply({"params": params}, z, method="decode_unscaled")
   ref = io["decoded"].transpose(0, 2, 3, 1)
   assert np.max(np.abs(np.asarray(dec) - ref)) <= 1e-5
+
+
+# Issue 16 item 2: --overwrite replaces only a converted checkpoint, atomically, with a sane mode.
+# Item 6: NaN/Inf weights are refused naming the tensors, unless --allow-nonfinite.
+
+def _convert(src, out, *extra):
+  sets = [f"--set={k}={v}" for k, v in TINY.items()]
+  return cli.main(["--arch", "dit", "--src", str(src), "--out", str(out), *sets, *extra])
+
+
+def test_overwrite_refuses_directories_that_are_not_checkpoints(tmp_path, fixtures_dir,
+                                                                monkeypatch, capsys):
+  src = fixtures_dir / "dit_tiny.pt"
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "notes.txt").write_text("precious")
+  assert _convert(src, work, "--overwrite") == 2
+  assert "not a jaxee converted checkpoint" in capsys.readouterr().err
+  monkeypatch.chdir(work)
+  assert _convert(src, ".", "--overwrite") == 2  # `--out .` once wiped the working directory
+  assert (work / "notes.txt").read_text() == "precious"
+  # A checkpoint with a user file added is not "just a checkpoint" either.
+  ckpt = tmp_path / "ckpt"
+  assert _convert(src, ckpt) == 0
+  (ckpt / "my_results.csv").write_text("1,2,3")
+  assert _convert(src, ckpt, "--overwrite") == 2
+  assert (ckpt / "my_results.csv").is_file()
+  capsys.readouterr()
+
+
+def test_overwrite_replaces_a_checkpoint_with_the_usual_mode(tmp_path, fixtures_dir, capsys):
+  src = fixtures_dir / "dit_tiny.pt"
+  out = tmp_path / "ckpt"
+  old_umask = os.umask(0o022)
+  try:
+    assert _convert(src, out) == 0
+    assert (out.stat().st_mode & 0o777) == 0o755
+    before = json.loads((out / "config.json").read_text())
+    assert _convert(src, out, "--overwrite", "--prefer", "model") == 0
+  finally:
+    os.umask(old_umask)
+  assert (out.stat().st_mode & 0o777) == 0o755
+  assert json.loads((out / "config.json").read_text())["prefer"] == "model" != before["prefer"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old dirs left
+  convert.load_converted(out)
+  capsys.readouterr()
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, fixtures_dir, capsys):
+  src = fixtures_dir / "dit_tiny.pt"
+  target = tmp_path / "file"
+  target.write_text("x")
+  assert _convert(src, target, "--overwrite") == 2
+  err = capsys.readouterr().err
+  assert "is a file" in err and "Traceback" not in err and target.read_text() == "x"
+  assert _convert(src, "/proc/jaxee_no_such_dir/ckpt") == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: cannot write") and "Traceback" not in err
+
+
+def test_nonfinite_weights_are_refused_naming_tensors(tmp_path, dit_state, capsys):
+  from safetensors.numpy import save_file
+  bad = {k: np.array(v) for k, v in dit_state.items()}
+  bad["blocks.1.mlp.fc1.weight"][0, 0] = np.nan
+  bad["final_layer.linear.bias"][:] = np.inf
+  src = tmp_path / "nan.safetensors"
+  save_file(bad, str(src))
+  assert _convert(src, tmp_path / "out") == 2
+  err = capsys.readouterr().err
+  assert "2 tensor(s) hold NaN/Inf: blocks.1.mlp.fc1.weight, final_layer.linear.bias" in err
+  assert "--allow-nonfinite" in err and not (tmp_path / "out").exists()
+  assert _convert(src, tmp_path / "out", "--allow-nonfinite") == 0
+  assert "warning:" in capsys.readouterr().err

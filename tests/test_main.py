@@ -179,3 +179,83 @@ def test_cli_bad_config_exits_with_message(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "config.train.parallel='pjit'" in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+# Issue 16 item 3: no silent restart from step 0; item 8: optimizer checks, resume changes, workdir.
+
+
+def _corrupt_all_steps(work):
+  for step_dir in (work / "checkpoints").iterdir():
+    for f in (step_dir / "state").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        f.write_bytes(os.urandom(f.stat().st_size))
+
+
+def test_failed_fallback_is_not_followed_by_a_restart_from_zero(tmp_path, monkeypatch):
+  work = tmp_path / "run"
+  _train(work, monkeypatch, LinearSetup(), num_steps=6, ckpt_every=2, keep=3)
+  logged = (work / trainer.METRICS_FILE).read_text()
+  _corrupt_all_steps(work)
+  with pytest.raises(checkpoint.CorruptCheckpointError):  # every step corrupt: moved aside
+    _train(work, monkeypatch, LinearSetup(), num_steps=6, ckpt_every=2, keep=3,
+           ckpt_fallback=True)
+  assert len(list((work / checkpoint.CORRUPT_DIR).iterdir())) == 3
+  with pytest.raises(trainer.workdir_lib.NoUsableCheckpointError) as info:
+    _train(work, monkeypatch, LinearSetup(), num_steps=6, ckpt_every=2, keep=3,
+           ckpt_fallback=True)
+  message = str(info.value)
+  assert "checkpoints_corrupt/ holds 3" in message and "new --workdir" in message
+  assert (work / trainer.METRICS_FILE).read_text() == logged  # nothing overwritten
+
+
+def test_deleted_checkpoints_are_not_a_restart_from_zero(tmp_path, monkeypatch):
+  import shutil
+  work = tmp_path / "run"
+  _train(work, monkeypatch, LinearSetup(), num_steps=6, ckpt_every=2)
+  logged = (work / trainer.METRICS_FILE).read_text()
+  shutil.rmtree(work / "checkpoints")
+  with pytest.raises(ValueError, match="metrics.jsonl logs training up to step 6"):
+    _train(work, monkeypatch, LinearSetup(), num_steps=6, ckpt_every=2)
+  assert (work / trainer.METRICS_FILE).read_text() == logged
+  # A run killed before any checkpoint could have been finalized still simply starts over.
+  early = tmp_path / "early"
+  early.mkdir()
+  (early / trainer.METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n')
+  assert _train(early, monkeypatch, LinearSetup(), num_steps=2, ckpt_every=2)["step"] == 2
+
+
+@pytest.mark.parametrize("field,value", [("lr", -1.0), ("lr", 0.0), ("lr", float("nan")),
+                                         ("b2", 1.5), ("warmup_steps", -10),
+                                         ("weight_decay", -0.1)])
+def test_optimizer_overrides_are_validated(field, value):
+  config = _baseline_config()
+  config.optim[field] = value
+  with pytest.raises(ValueError, match=f"config.optim.{field}"):
+    trainer.validate_config(config)
+
+
+def test_changed_config_on_resume_is_logged_and_recorded(tmp_path, monkeypatch, caplog):
+  work = tmp_path / "run"
+  _train(work, monkeypatch, LinearSetup(), num_steps=4, ckpt_every=2)
+  config = _baseline_config()
+  config.train.num_steps, config.train.ckpt_every, config.train.tensorboard = 6, 2, True
+  config.optim.lr = 5e-4
+  monkeypatch.setattr(trainer, "build_setup", lambda *a, **kw: LinearSetup())
+  with caplog.at_level("WARNING"):
+    out = trainer.train(config, work, model=trainer.build_model(config), params={})
+  assert "optim.lr: 0.001 -> 0.0005" in caplog.text and "train.num_steps: 4 -> 6" in caplog.text
+  assert out["config_changes"]["optim.lr"] == [1e-3, 5e-4]
+  events = [r for r in trainer.read_metrics(work, events=True) if "event" in r]
+  assert events == [{"step": 4, "event": "config_changed", "changes": out["config_changes"]}]
+  assert [r["step"] for r in trainer.read_metrics(work)] == list(range(1, 7))
+
+
+def test_workdir_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
+  path = tmp_path / "workdir"
+  path.write_text("a file")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    _train(path, monkeypatch, LinearSetup(), num_steps=2)
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    main_lib.train_and_evaluate(_baseline_config(), str(path))
+  with pytest.raises(ValueError, match="cannot create workdir"):
+    _train(pathlib.Path("/proc/jaxee_no_workdir"), monkeypatch, LinearSetup(), num_steps=2)

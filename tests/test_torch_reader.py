@@ -4,9 +4,11 @@ Synthetic files are written by the torch-free helper `torch_writer`; the real
 fixtures were written by torch 2.x.
 """
 import argparse
+import json
 import os
 import pickle
 import pickletools
+import struct
 
 import ml_dtypes
 import numpy as np
@@ -322,3 +324,33 @@ def test_truncated_and_corrupt_safetensors(tmp_path, fixtures_dir):
       load_state_dict(path)
     if name.startswith("cut"):
       assert "truncated" in str(err.value)
+
+
+def test_safetensors_are_read_through_the_package(tmp_path, monkeypatch, fixtures_dir):
+  """Issue 16 item 9: the `safetensors` package does the parsing; bf16 stays ml_dtypes.bfloat16."""
+  import ml_dtypes
+  import safetensors
+  from jaxee.convert import torch_reader
+  calls = []
+  real = safetensors.safe_open
+
+  def spy(path, *args, **kwargs):
+    calls.append((str(path), kwargs.get("framework", args[0] if args else None)))
+    return real(path, *args, **kwargs)
+
+  monkeypatch.setattr(safetensors, "safe_open", spy)
+  values = np.array([0.5, -2.0, 3.25], ml_dtypes.bfloat16)
+  header = json.dumps({"b": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+                       "__metadata__": {"format": "np"}}).encode()
+  path = tmp_path / "bf16.safetensors"
+  path.write_bytes(struct.pack("<Q", len(header)) + header + values.tobytes())
+  out = read_safetensors(path)
+  assert calls == [(str(path), "numpy")]
+  assert out["b"].dtype == ml_dtypes.bfloat16 and out["b"].flags.owndata
+  np.testing.assert_array_equal(out["b"].astype(np.float32), [0.5, -2.0, 3.25])
+  assert torch_reader.read_safetensors(fixtures_dir / "vae_diffusers_tiny.safetensors")
+  bad = tmp_path / "bad_offsets.safetensors"
+  header = json.dumps({"b": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+  bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+  with pytest.raises(CheckpointError, match="bad_offsets.safetensors.*corrupt safetensors"):
+    read_safetensors(bad)

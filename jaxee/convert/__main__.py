@@ -9,6 +9,9 @@
 The output directory holds `params/` (Orbax) and `config.json` (the model config, so
 `jaxee.convert.load_converted(DIR)` rebuilds the same model). Nothing is written unless the whole
 checkpoint converted cleanly. Exit status 2 on a bad checkpoint, with every problem listed.
+A checkpoint with NaN/Inf weights is refused, naming the tensors, unless `--allow-nonfinite`
+(then it is converted with a warning naming them). `--overwrite` replaces only a previous
+converted checkpoint (see `jaxee.convert.orbax_io.save_converted`), never another directory.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import os
 import sys
 
 from jaxee import models
+from jaxee import validation
 from jaxee.convert import backbone_rules, orbax_io, torch_reader, vae_rules
 from jaxee.convert.errors import CheckpointError
 from jaxee.models import vae as vae_lib
@@ -50,10 +54,20 @@ def main(argv: list[str] | None = None) -> int:
                       help="constructor override, original keyword names (repeatable)")
   parser.add_argument("--prefer", default="ema", choices=("ema", "model"),
                       help="which weights of a training checkpoint to convert")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out that is a converted checkpoint")
+  parser.add_argument("--allow-nonfinite", action="store_true",
+                      help="convert even if some weights are NaN/Inf (warns, naming them)")
   args = parser.parse_args(argv)
   try:
     state = torch_reader.load_state_dict(args.src, prefer=args.prefer)
+    bad = validation.nonfinite_tensors(state)
+    if bad:
+      names = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+      if not args.allow_nonfinite:
+        raise ValueError(f"{args.src}: {len(bad)} tensor(s) hold NaN/Inf: {names}; samples "
+                         f"from it would be NaN (pass --allow-nonfinite to convert anyway)")
+      print(f"warning: {args.src}: {len(bad)} tensor(s) hold NaN/Inf: {names}", file=sys.stderr)
     if args.arch == "vae":
       overrides = parse_overrides(args.set)
       layout = overrides.pop("layout", "auto")
@@ -67,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     out = orbax_io.save_converted(
         args.out, model, params, overwrite=args.overwrite,
         extra={"arch": args.arch, "source": os.path.abspath(args.src), "prefer": args.prefer})
-  except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+  except (CheckpointError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # the output location: missing parent, read-only, full
+    print(f"error: cannot write {args.out}: {e.strerror or e} ({e.filename}); choose a "
+          f"writable --out", file=sys.stderr)
     return 2
   n = backbone_rules.count_params(params)
   print(json.dumps({"out": str(out), "arch": args.arch, "params": n}))

@@ -7,7 +7,12 @@ Layout of a converted directory:
                         "source": ..., "arch": ...}
 
 Writes are atomic: everything goes to a sibling temporary directory that is renamed into place
-only when complete, so an interrupted conversion leaves no half-written `DIR`.
+only when complete, so an interrupted conversion leaves no half-written `DIR`. `overwrite=True`
+replaces only a directory that is itself a converted checkpoint (its `config.json` names a model
+or VAE and `params/` is there, nothing else): the new one is written beside it, the old one is
+renamed aside, the new one renamed into place and only then the old one deleted. Anything else
+(`--out .`, a home directory, a file) is refused. The directory gets the usual mode (0777 less
+the umask), not `mkdtemp`'s 0700.
 """
 from __future__ import annotations
 
@@ -51,26 +56,79 @@ def _shape_tree(model) -> Any:
   return target
 
 
+def is_converted_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether `path` is a directory written by `save_converted` (and holds nothing else)."""
+  root = pathlib.Path(path)
+  if not root.is_dir() or not (root / PARAMS_DIR).is_dir():
+    return False
+  if {p.name for p in root.iterdir()} != {CONFIG_FILE, PARAMS_DIR}:
+    return False
+  try:
+    config = json.loads((root / CONFIG_FILE).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(config, dict) and ("model" in config or "vae" in config)
+
+
+def _check_target(out: pathlib.Path, overwrite: bool) -> None:
+  """Refuses a target that is a file, a non-empty directory (unless overwriting a checkpoint)."""
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} is a file; --out must be a directory path")
+  if not out.exists() or not any(out.iterdir()):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+  if not is_converted_checkpoint(out) or out == pathlib.Path.cwd().absolute():
+    raise FileExistsError(f"refusing to overwrite {out}: it is not a jaxee converted checkpoint "
+                          f"(only a directory holding just {CONFIG_FILE} and {PARAMS_DIR}/ "
+                          f"from a previous conversion is replaced); choose a new --out")
+
+
+def _default_dir_mode() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o777 & ~umask
+
+
 def save_converted(out_dir: str | os.PathLike, model, params: Any, *,
                    extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes `params` and the model config to `out_dir` atomically; returns the final path."""
+  """Writes `params` and the model config to `out_dir` atomically; returns the final path.
+
+  Args:
+    out_dir: the checkpoint directory (new, empty, or with `overwrite` a converted checkpoint).
+    model: the backbone or VAE.
+    params: its params.
+    extra: more entries for `config.json` (source, arch, ...).
+    overwrite: replace an existing converted checkpoint (never any other directory).
+
+  Raises:
+    FileExistsError: `out_dir` is a file, or a non-empty directory that may not be replaced.
+  """
   out = pathlib.Path(out_dir).absolute()
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+  _check_target(out, overwrite)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  old = None
   try:
+    os.chmod(tmp, _default_dir_mode())
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
     config = {**_describe(model), **(extra or {})}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     if out.exists():
-      shutil.rmtree(out)
+      _check_target(out, overwrite)  # again, right before the swap
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+      os.replace(out, old / "ckpt")  # aside; restored below if the swap fails
     os.replace(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and (old / "ckpt").exists() and not out.exists():
+      os.replace(old / "ckpt", out)
+      shutil.rmtree(old, ignore_errors=True)
     raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
   return out
 
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Union
 
 import ml_dtypes
 import numpy as np
+import safetensors
 
 from jaxee.convert.errors import CheckpointError, CheckpointNotFoundError, PathLike
 
@@ -40,7 +41,6 @@ _DTYPES = [
     ("ComplexFloatStorage", ("complex64",), None, np.complex64),
     ("ComplexDoubleStorage", ("complex128",), None, np.complex128),
 ]
-_SAFETENSORS_DTYPES = {st: np.dtype(d) for _, _, st, d in _DTYPES if st}
 
 
 class _NoState:
@@ -377,44 +377,42 @@ def read_torch_file(path: PathLike) -> Any:
                         path)
 
 
+def _safetensors_data_end(path: str, header_len: int) -> int:
+  """The largest `data_offsets` end in a safetensors header (-1 when it cannot be parsed)."""
+  try:
+    with open(path, "rb") as f:
+      f.seek(8)
+      header = json.loads(f.read(header_len).decode("utf-8"))
+    return max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+               default=0)
+  except Exception:  # pylint: disable=broad-except
+    return -1
+
+
 def _parse_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """Reads every tensor through the `safetensors` package (NumPy; BF16 via `ml_dtypes`)."""
   size = os.path.getsize(path)
+  if size < 8:
+    raise CheckpointError(f"truncated safetensors file: {size} bytes, no header length")
   with open(path, "rb") as f:
-    if size < 8:
-      raise CheckpointError(f"truncated safetensors file: {size} bytes, no header length")
     (n,) = struct.unpack("<Q", f.read(8))
-    if n > size - 8:
-      raise CheckpointError(f"truncated safetensors file: header claims {n} bytes, "
-                            f"file has {size - 8} after the length")
-    header = json.loads(f.read(n).decode("utf-8"))  # Errors: "corrupt safetensors file".
-    if not isinstance(header, dict):
-      raise CheckpointError("corrupt safetensors header: not a JSON object")
-    buffer_len = size - 8 - n
-    out = {}
-    for name, info in header.items():
-      if name == "__metadata__":
-        continue
-      if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(f"tensor {name!r}: unsupported entry {str(info)[:80]}")
-      dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-      shape = _ints(info.get("shape"), f"{name!r} shape")
-      offsets = _ints(info.get("data_offsets"), f"{name!r} data_offsets")
-      begin, end = offsets if len(offsets) == 2 else (1, 0)
-      if begin > end or end > buffer_len:
-        raise CheckpointError(f"tensor {name!r}: data_offsets {offsets} do not fit the "
-                              f"{buffer_len}-byte data buffer (truncated file?)")
-      if end - begin != int(np.prod(shape)) * dtype.itemsize:
-        raise CheckpointError(f"tensor {name!r}: {end - begin} bytes for shape {shape} "
-                              f"of {info['dtype']}")
-      f.seek(8 + n + begin)
-      raw = f.read(end - begin)
-      arr = np.frombuffer(raw, dtype).reshape(shape)
-      out[name] = arr.byteswap() if sys.byteorder == "big" and dtype.itemsize > 1 else arr.copy()
-    return out
+  if n > size - 8:
+    raise CheckpointError(f"truncated safetensors file: header claims {n} bytes, "
+                          f"file has {size - 8} after the length")
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      # `np.array` copies: the result owns its memory, independent of the file.
+      return {name: np.array(f.get_tensor(name)) for name in f.keys()}
+  except safetensors.SafetensorError as e:
+    end = _safetensors_data_end(path, n)
+    if end > size - 8 - n:
+      raise CheckpointError(f"truncated safetensors file: the header lists tensor data up to "
+                            f"byte {end} but the file has {size - 8 - n} data bytes") from e
+    raise CheckpointError(f"corrupt safetensors file: {e}") from e
 
 
 def read_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
-  """Reads a .safetensors file (parsed directly, validated against its size).
+  """Reads a .safetensors file through the `safetensors` package (header length pre-checked).
 
   Args:
     path: The .safetensors file.

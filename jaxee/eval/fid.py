@@ -119,8 +119,17 @@ def _forward(model: InceptionV3FID, variables, images):
   return out['pool'], out['logits_unbiased']
 
 
+def check_batch_size(batch_size: Any) -> int:
+  """``batch_size`` as an int >= 1, else a ValueError (0 would loop forever in ``_batches``)."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
+      batch_size < 1):
+    raise ValueError(f'batch size must be an integer >= 1, got {batch_size!r}')
+  return int(batch_size)
+
+
 def _batches(images: Any, batch_size: int) -> Iterable[np.ndarray]:
   """Regroups an array or an iterable of images / batches into batches of ``batch_size``."""
+  batch_size = check_batch_size(batch_size)
   if isinstance(images, (np.ndarray, jax.Array)) and np.ndim(images) == 4:
     for i in range(0, images.shape[0], batch_size):
       yield np.asarray(images[i:i + batch_size])
@@ -161,6 +170,7 @@ def compute_features(images: Any, variables: Any, batch_size: int = 100, *,
   Returns:
     ``{'pool': (N, 2048) float32, 'logits_unbiased': (N, 1008) float32}`` NumPy arrays.
   """
+  batch_size = check_batch_size(batch_size)
   model = model or InceptionV3FID()
   if total is None and hasattr(images, '__len__'):
     total = len(images)
@@ -199,12 +209,23 @@ def load_reference_stats(path: str | os.PathLike, variables: Any = None, *,
     (mu (2048,), sigma (2048, 2048)) in float64.
 
   Raises:
-    ValueError: when the file holds neither statistics nor images, or images but no variables.
+    FileNotFoundError: the file does not exist.
+    ValueError: when the file is not an ``.npz``, holds neither statistics nor images, images
+      but no variables, or statistics with NaN/Inf or shapes that do not fit together.
   """
-  with np.load(path) as data:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'reference statistics {os.fspath(path)} not found')
+  try:
+    data = np.load(path, allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{os.fspath(path)} is not a readable .npz of reference statistics '
+                     f'({type(e).__name__}: {e})') from None
+  with data:
     keys = set(data.files)
     if {'mu', 'sigma'} <= keys:
-      return np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
+      mu, sigma = np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64)
+      _check_stats(mu, sigma, os.fspath(path))
+      return mu, sigma
     if 'arr_0' not in keys:
       raise ValueError(f'{os.fspath(path)}: expected "mu"/"sigma" or "arr_0" (images), '
                        f'found {sorted(keys)}')
@@ -217,6 +238,16 @@ def load_reference_stats(path: str | os.PathLike, variables: Any = None, *,
                      f'{images.shape}')
   feats = compute_features(images, variables, batch_size, model=model)['pool']
   return stats_from_features(feats)
+
+
+def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
+  """Reference statistics must be finite, (D,) and (D, D)."""
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+    raise ValueError(f'{where}: mu {mu.shape} and sigma {sigma.shape} must be (D,) and (D, D)')
+  for name, value in (('mu', mu), ('sigma', sigma)):
+    if not np.isfinite(value).all():
+      raise ValueError(f'{where}: reference {name} holds NaN/Inf; regenerate the reference '
+                       f'statistics')
 
 
 def save_reference_stats(path: str | os.PathLike, mu, sigma) -> None:

@@ -11,7 +11,10 @@ through the FID Inception-v3 (`jaxee.eval.fid.compute_features`, one compiled ba
 progress bar) so 50,000 images never sit in memory at once. Reference statistics are any `.npz`
 `jaxee.eval.fid.load_reference_stats` reads (pytorch-fid `mu`/`sigma`, ADM reference batches).
 Only `images` shards (uint8 NHWC, written when the sampler decodes) can be scored; latent shards
-are refused with a message.
+are refused with a message. Everything cheap is checked before the Inception pass: the batch size
+(>= 1), the shards, and the reference file (readable, finite `mu`/`sigma`). NaN/Inf Inception
+features are an error naming the shard that produced them, and a non-finite FID is never
+reported as a score.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from jaxee import atomic_io
 from jaxee import sample_shards
+from jaxee import validation
 from jaxee.eval import fid as fid_lib
 
 
@@ -93,20 +98,41 @@ def fid_from_shards(samples_dir, ref_path, inception_variables: Any, *, batch_si
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'num_samples'}.
   """
+  batch_size = fid_lib.check_batch_size(batch_size)
   shards = check_shards(samples_dir)
   total = sum(c for _, c in shards)
-  feats = fid_lib.compute_features(iter_shard_images(shards), inception_variables, batch_size,
-                                   total=total, progress=progress)
-  mu, sigma = fid_lib.stats_from_features(feats["pool"])
+  # The reference first: a bad --ref must not cost the whole Inception pass over the samples.
   ref_mu, ref_sigma = fid_lib.load_reference_stats(ref_path, inception_variables,
                                                    batch_size=batch_size)
+  feats = fid_lib.compute_features(iter_shard_images(shards), inception_variables, batch_size,
+                                   total=total, progress=progress)
+  _check_features(feats, shards)
+  mu, sigma = fid_lib.stats_from_features(feats["pool"])
   if save_stats:
     fid_lib.save_reference_stats(save_stats, mu, sigma)
   # The usual 10 splits; fewer for small runs (each split needs at least one sample).
   score, score_std = fid_lib.inception_score(feats["logits_unbiased"], splits=min(10, total))
-  return {"fid": fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma),
-          "inception_score": float(score), "inception_score_std": float(score_std),
+  fid = fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  validation.check_finite(np.asarray([fid, score, score_std]),
+                          f"the FID / Inception Score of {samples_dir} against {ref_path}")
+  return {"fid": fid, "inception_score": float(score), "inception_score_std": float(score_std),
           "num_samples": int(total)}
+
+
+def _check_features(feats: dict, shards: list[tuple[pathlib.Path, int]]) -> None:
+  """NaN/Inf Inception outputs: an error naming the first shard (and sample) that has them."""
+  bad = ~np.isfinite(feats["pool"]).all(axis=1) | ~np.isfinite(feats["logits_unbiased"]).all(
+      axis=1)
+  if not bad.any():
+    return
+  first = int(np.argmax(bad))
+  start = 0
+  for path, count in shards:
+    if first < start + count:
+      raise validation.NonFiniteError(
+          f"Inception features of {int(bad.sum())} sample(s) are NaN/Inf, first in shard {path} "
+          f"(sample {first - start} of it): check the Inception weights")
+    start += count
 
 
 def main(argv=None) -> int:
@@ -120,8 +146,14 @@ def main(argv=None) -> int:
   p.add_argument("--save-stats", default=None)
   p.add_argument("--json", default=None, help="also write the result to this file")
   args = p.parse_args(argv)
+  if args.batch_size < 1:
+    print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+    return 2
   from jaxee.eval import inception_convert  # pylint: disable=g-import-not-at-top
   try:
+    check_shards(args.samples)  # cheap checks before the Inception weights are even read
+    if _has_stats(args.ref):
+      fid_lib.load_reference_stats(args.ref)
     variables = inception_convert.load_inception(args.inception)
     result = fid_from_shards(args.samples, args.ref, variables, batch_size=args.batch_size,
                              save_stats=args.save_stats)
@@ -131,8 +163,18 @@ def main(argv=None) -> int:
   text = json.dumps(result)
   print(text)
   if args.json:
-    pathlib.Path(args.json).write_text(text + "\n")
+    atomic_io.atomic_write_text(args.json, text + "\n")
   return 0
+
+
+def _has_stats(path: str) -> bool:
+  """Whether `path` looks like a `mu`/`sigma` file (then it is checked before anything runs);
+  missing or unreadable files count as such, so that their error comes first too."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return "arr_0" not in z.files
+  except Exception:  # pylint: disable=broad-except
+    return True
 
 
 if __name__ == "__main__":

@@ -114,12 +114,17 @@ def load_plan(path, **options):
   try:
     with np.load(path, allow_pickle=False) as data:
       files = set(data.files)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not a plan file (.npz or .json): {e}") from None
+  except Exception as e:  # numpy/zip errors of a file that is not an .npz
+    raise ValueError(f"plan file {path} is not a mask plan or another jaxee plan file "
+                     f"({type(e).__name__}: {e})") from None
   if "__meta__" in files:
     ee, meta = load_deediff_heads(path)
     threshold = options.pop("threshold", None)
     return deediff_lib.DeeDiffPlan(
         ee, threshold=float(meta["threshold"] if threshold is None else threshold),
         uem=meta.get("uem", "token_mean"), **options)
-  return masks_lib.load_mask_plan(str(path))
+  try:
+    return masks_lib.load_mask_plan(str(path))
+  except Exception as e:  # JSON/shape errors of an .npz that is not a mask plan
+    raise ValueError(f"plan file {path} is not a mask plan written by MaskPlan.save "
+                     f"({type(e).__name__}: {e})") from None

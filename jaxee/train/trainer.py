@@ -27,6 +27,11 @@ A method setup (`methods.MethodSetup`) must have `params`, `loss_fn`, `frozen_pa
 e.g. ASE's plateau switch; called at every log step), `host_state() -> dict` and
 `load_host_state(dict)` (checkpointed as JSON with the state).
 
+No silent restarts (`jaxee.train.workdir`): a workdir with evidence of past progress but no
+usable checkpoint is refused; a resume whose config differs from the saved `config.json` logs a
+warning and a `{"step": N, "event": "config_changed", "changes": ...}` line in `metrics.jsonl`
+(`read_metrics` skips such event lines unless asked).
+
 Resume is exact: the state holds the base RNG (step keys are `fold_in(rng, step)`), the loader
 position is saved with it, and on restart `metrics.jsonl` / TensorBoard are cut back to the
 restored step, so an interrupted and resumed run logs the same sequence as an uninterrupted one.
@@ -50,6 +55,7 @@ from jaxee.train import config_base
 from jaxee.train import optim
 from jaxee.train import state as state_lib
 from jaxee.train import step as step_lib
+from jaxee.train import workdir as workdir_lib
 
 PyTree = Any
 METRICS_FILE = "metrics.jsonl"
@@ -111,6 +117,14 @@ class MetricWriter:
         self._tb.add_scalar(f"train/{k}", float(v), int(step))
       self._tb.flush()
 
+  def write_event(self, step: int, event: str, **fields) -> None:
+    """An event line (not a metric): `{"step", "event", **fields}`."""
+    if not self.enabled:
+      return
+    self._file.write(json.dumps({"step": int(step), "event": event, **fields}, default=str)
+                     + "\n")
+    self._file.flush()
+
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
@@ -120,10 +134,11 @@ class MetricWriter:
       self._tb = None
 
 
-def read_metrics(workdir: os.PathLike | str) -> list:
-  """The records of `WORKDIR/metrics.jsonl` (for tools and tests)."""
+def read_metrics(workdir: os.PathLike | str, events: bool = False) -> list:
+  """The records of `WORKDIR/metrics.jsonl` (for tools and tests); event lines with `events`."""
   path = pathlib.Path(workdir) / METRICS_FILE
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return [r for r in records if events or "event" not in r]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,6 +299,7 @@ def validate_config(config) -> None:
                      f"{t.ckpt_every}, {t.keep}")
   if not 0.0 <= float(t.ema_decay) <= 1.0:
     raise ValueError(f"config.train.ema_decay must be in [0, 1], got {t.ema_decay}")
+  workdir_lib.check_optim(config.optim)
   if config.method == "masks":
     return
   batch = int(config.data.batch_size)
@@ -327,8 +343,7 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   validate_config(config)
   workdir = pathlib.Path(workdir).absolute()
   main = is_main_process()
-  if main:
-    workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.check_workdir(workdir, create=main)
   t = config.train
   seed = int(t.seed)
   init_key, method_key, state_key = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -352,6 +367,9 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   loader = make_loader(config)
   restored = checkpointer.restore_latest(host_state)
   start = 0
+  if restored is None:
+    workdir_lib.refuse_silent_restart(workdir, ckpt_every=int(t.ckpt_every),
+                                      num_steps=int(t.num_steps))
   if restored is not None:
     host_state, meta = restored
     start = int(host_state.step)
@@ -367,8 +385,14 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
                "records %s", loader.process_index, loader.process_count, lo,
                lo + loader.local_batch_size, loader.global_batch_size,
                ",".join(str(int(i)) for i in first))
+  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+  changes = workdir_lib.config_changes(workdir, config_json) if start > 0 else None
+  if changes:
+    logging.warning("resuming step %d with a config that differs from %s: %s", start,
+                    workdir / CONFIG_FILE, "; ".join(f"{k}: {a!r} -> {b!r}"
+                                                     for k, (a, b) in changes.items()))
   if main:
-    atomic_io.atomic_write_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
+    atomic_io.atomic_write_text(workdir / CONFIG_FILE, config_json)
 
   ps = step_lib.make_train_step(t.parallel, loss_fn=setup.loss_fn, tx=tx,
                                 ema_decay=float(t.ema_decay),
@@ -384,7 +408,9 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   bar = tqdm.tqdm(total=num_steps, initial=start, desc=f"train {config.method}",
                   disable=not (main and bool(_cfg(t, "progress", True))), dynamic_ncols=True,
                   mininterval=1.0)
-  summary: Dict[str, Any] = {"start_step": start, "metrics": {}}
+  if changes:
+    writer.write_event(start, "config_changed", changes=changes)
+  summary: Dict[str, Any] = {"start_step": start, "metrics": {}, "config_changes": changes or {}}
   pending = []  # (step, device metrics) since the last host check, to name a bad step.
 
   def check_healthy(metrics, step):
