@@ -7,10 +7,10 @@ at its schedule depth, DiT's hybrid loss (ε-MSE + VLB, learned σ), the time em
 AdamW lr 2e-5 (the issue's value; the released script hard-codes 1e-5), weight decay 0, EMA
 0.9999, global batch 64, CFG label dropout 0.1, one epoch of ImageNet (1,281,167 / 64 steps).
 λ(t) = `lambda_boost` on the intervals whose blocks are dropped until the loss plateaus, then 1
-(jaxee's reading of Alg. 1; `jaxee/losses.py`). Data: pre-extracted sd-vae-ft-mse moments
-(`jaxee.data.latents`, z = mean + σ·ε re-drawn per epoch; §6.1 item 6).
+(jaxee's reading of Alg. 1; `jaxee/train/objectives/ase.py`). Data: pre-extracted sd-vae-ft-mse
+moments (`jaxee.data.latents`, z = mean + σ·ε re-drawn per epoch; §6.1 item 6).
 
-    python -m jaxee.main --config=configs/ase_dit_imagenet256.py:D4 --workdir=runs/ase_d4 \
+    jaxee-train --config=configs/ase_dit_imagenet256.py:D4 --workdir=runs/ase_d4 \
         --config.init=ckpt/dit_xl_2_256 --config.data.source=latents:/data/in256_moments
 
 Args (`:arg`, comma-separated): a schedule name D2 | D3 (default) | D4 | D7; `runlocal` (tiny

@@ -8,7 +8,7 @@ out-blocks' attention+MLP kept (every `skip_linear` still runs, paper Fig. 8), t
 as in the DiT config. Data: U-ViT's CelebA 64 recipe (`jaxee.data` 'celeba64'). The number of
 steps is not given by the sources (jaxee uses 50k).
 
-    python -m jaxee.main --config=configs/ase_uvit_celeba.py:D6 --workdir=runs/ase_uvit_d6 \
+    jaxee-train --config=configs/ase_uvit_celeba.py:D6 --workdir=runs/ase_uvit_d6 \
         --config.init=ckpt/celeba_uvit_small
 
 Args: D1 | D2 | D3 (default) | D6; `runlocal` (tiny U-ViT with 2 out-blocks, schedule

@@ -11,7 +11,7 @@ backbones are DuoDiff's U-ViTs (linear β chain, t ∈ {0..999}; CIFAR-10/CelebA
 (exported): 0.08 for CelebA (README), 0.075 for CIFAR-10 (the re-implementation's blog table),
 0.07 for ImageNet (the middle of the notebook's sweep 0.05/0.07/0.09).
 
-    python -m jaxee.main --config=configs/deediff_uvit.py:celeba --workdir=runs/deediff_celeba \
+    jaxee-train --config=configs/deediff_uvit.py:celeba --workdir=runs/deediff_celeba \
         --config.init=ckpt/duodiff_celeba_uvit
 
 Args: cifar10 (default) | celeba | imagenet256; `threshold=θ` (default per dataset);

@@ -11,7 +11,7 @@ after t_s steps from the noise end (`t_switch`, README 300; the paper's sweep 30
 The export (`WORKDIR/export` + `duodiff.json`) gives `exits.duodiff.DuoDiffPlan` through
 `jaxee.train.methods.load_duodiff_plan`.
 
-    python -m jaxee.main --config=configs/duodiff.py:celeba,t_switch=400 --workdir=runs/duo_celeba
+    jaxee-train --config=configs/duodiff.py:celeba,t_switch=400 --workdir=runs/duo_celeba
 
 Args: cifar10 (default) | celeba | imagenet64 | imagenet256; `t_switch=300`; `layers=3`;
 `init=scratch|deep`; `runlocal`; `parallel=...`; `steps=N`.

@@ -1,6 +1,6 @@
 """TABM block masks for an unconditional CIFAR-10 U-ViT sampled with DDPM.
 
-The TABM objective of `jaxee/train/masks_opt.py` (`research/ee_methods.md` §4.7, §5.5) on the
+The TABM objective of `jaxee/train/objectives/masks.py` (`research/ee_methods.md` §4.7, §5.5) on the
 DDPM setting: the CIFAR-10 U-ViT of DuoDiff/DeeDiff (13 layers of width 512, trained on the linear
 β chain; `config.init` its checkpoint) frozen, the teacher's ancestral DDPM trajectory (100
 respaced steps by default, `steps=1000` for the full chain) from Gaussian noise, one score per
@@ -9,7 +9,7 @@ block-output caching, binarise at 0.5, rectify (U-ViT skip consumers respected),
 `MaskPlan`. λ₁ = λ₂ = 0.1 and 200 iterations per step over 32 trajectories are jaxee's choices
 (TABM's values are not public).
 
-    python -m jaxee.main --config=configs/masks_ddpm_cifar10.py --workdir=runs/tabm_cifar \
+    jaxee-train --config=configs/masks_ddpm_cifar10.py --workdir=runs/tabm_cifar \
         --config.init=ckpt/duodiff_cifar10_uvit
 
 Args: `steps=100`; `runlocal` (tiny random U-ViT, DDPM-4); `samples=N`; `iters=N`.

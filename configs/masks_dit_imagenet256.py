@@ -1,7 +1,7 @@
 """TABM block masks for DiT-XL/2 ImageNet 256 with DDIM-50 / DDIM-100.
 
 Timestep-Aware Block Masking (arXiv 2603.19939; `research/ee_methods.md` §4.7, §5.5;
-`jaxee/train/masks_opt.py`): the released DiT-XL/2-256 (EMA) frozen; per DDIM step a block
+`jaxee/train/objectives/masks.py`): the released DiT-XL/2-256 (EMA) frozen; per DDIM step a block
 score vector optimised along the teacher's own CFG-1.5 trajectory from Gaussian noise (no data)
 with ‖x_end − x_end^orig‖₂ + λ₁·w(t)·Σs + λ₂·w(t)·Σs(1−s), block-output caching, binarised at
 0.5, rectified and saved as a `MaskPlan` (`WORKDIR/mask_plan_ddim50.npz`) for
@@ -11,7 +11,7 @@ features is O(10³), so skipping a block must cost less than ~0.1 % of it), 200 
 per step at lr 1e-2 over 16 trajectories (32 network rows with CFG) are jaxee's choices; the
 w(t) table (0.1/0.5 → 2.0/1.5/1.0) and θ = 0.5 are the paper's.
 
-    python -m jaxee.main --config=configs/masks_dit_imagenet256.py:ddim100 \
+    jaxee-train --config=configs/masks_dit_imagenet256.py:ddim100 \
         --workdir=runs/tabm_ddim100 --config.init=ckpt/dit_xl_2_256
 
 Args: ddim50 (default) | ddim100; `runlocal` (tiny random DiT, DDIM-4, 2 trajectories);

@@ -1,11 +1,11 @@
-r"""Sampling config for DiT (`python -m jaxee.sample --config=configs/sample_dit.py[:arg]`).
+r"""Sampling config for DiT (`jaxee-sample --config=configs/sample_dit.py[:arg]`).
 
 Default: the DiT-XL/2 256×256 FID-50K setting of the paper (`sample_ddp.py`): DDPM with 250
 steps, classifier-free guidance 1.5, 50,000 samples with uniformly random ImageNet labels, decoded
 by sd-vae-ft-ema and stored as uint8 in DiT's FID convention. The checkpoint and VAE paths are
 placeholders that must be given:
 
-    python -m jaxee.sample --config=configs/sample_dit.py \
+    jaxee-sample --config=configs/sample_dit.py \
         --config.ckpt=ckpt/dit_xl_2_256 --config.vae_ckpt=ckpt/sd_vae_ft_ema \
         --config.out_dir=runs/dit_xl_2_fid50k
 
@@ -13,7 +13,7 @@ Args (`:arg`):
   runlocal: the tiny official fixture `tests/fixtures/dit_tiny.pt` (8×8×4 latents, 10 classes),
     no VAE, DDIM-10, 12 samples in 3 shards of 4 — runs on a laptop CPU in seconds.
 
-Exit plans (`--config.plan=...`, built by `jaxee.sample_main.make_plan`): `ase:D3-DiT` (an ASE
+Exit plans (`--config.plan=...`, built by `jaxee.sharded.run.make_plan`): `ase:D3-DiT` (an ASE
 table; `--config.plan_options.depth=N` rescales it to N blocks), `mask:PATH` (a saved
 `MaskPlan`; `plan_options.rectify`), `duodiff[:T_SWITCH]` (shallow model from
 `plan_options.shallow_ckpt`, converted dir or a `.pt` of `shallow_arch` (default: `arch`) with
@@ -23,7 +23,7 @@ table; `--config.plan_options.depth=N` rescales it to N blocks), `mask:PATH` (a 
 from ml_collections import config_dict
 
 from jaxee import configs_common as common
-from jaxee import sample_main
+from jaxee.sharded import run as sharded_run
 
 DIT_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
                 num_classes=10)
@@ -45,5 +45,5 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.out_dir = "runs/sample_dit_runlocal"
   elif arg:
     raise ValueError(f"unknown configs/sample_dit.py arg {arg!r}; use '' or 'runlocal'")
-  sample_main.validate_config(c)
+  sharded_run.validate_config(c)
   return c

@@ -1,4 +1,4 @@
-r"""Sampling configs for U-ViT (`python -m jaxee.sample --config=configs/sample_uvit.py[:arg]`).
+r"""Sampling configs for U-ViT (`jaxee-sample --config=configs/sample_uvit.py[:arg]`).
 
 Default: U-ViT-H/2 ImageNet 256×256 as evaluated in the paper (`configs/imagenet256_uvit_huge.py`):
 DPM-Solver++ with 50 steps, classifier-free guidance 0.4 (U-ViT convention
@@ -6,7 +6,7 @@ cond + s·(cond − uncond)), 50,000 samples with random labels from the 1000 re
 the null class), decoded by the U-ViT autoencoder (`autoencoder_kl_ema.pth`, CompVis layout) and
 stored as uint8 the way `save_image` writes them. Paths are placeholders that must be given:
 
-    python -m jaxee.sample --config=configs/sample_uvit.py \
+    jaxee-sample --config=configs/sample_uvit.py \
         --config.ckpt=ckpt/uvit_h2_imagenet256 --config.vae_ckpt=autoencoder_kl_ema.pth
 
 Args (`:arg`):
@@ -17,7 +17,7 @@ Args (`:arg`):
 from ml_collections import config_dict
 
 from jaxee import configs_common as common
-from jaxee import sample_main
+from jaxee.sharded import run as sharded_run
 
 UVIT_TINY_COND = dict(img_size=8, patch_size=2, in_chans=4, embed_dim=64, depth=4, num_heads=4,
                       num_classes=11, cfg_null_class=10)
@@ -61,5 +61,5 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   elif arg:
     raise ValueError(f"unknown configs/sample_uvit.py arg {arg!r}; use '', 'celeba' or "
                      "'runlocal'")
-  sample_main.validate_config(c)
+  sharded_run.validate_config(c)
   return c

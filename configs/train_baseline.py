@@ -5,11 +5,11 @@ training_losses`) or U-ViT's ε-MSE, with CFG label dropout, AdamW at DiT's cons
 an EMA of 0.9999 (DiT `train.py`). The default is a small class-conditional DiT trained from
 scratch on scikit-learn's bundled digits (16x16, no download): the reference the skipping
 methods are compared against on the demo data. This file also defines the full training-config
-schema by example (documented in `jaxee/main.py`).
+schema by example (documented in `jaxee/train/launch.py`).
 
-    python -m jaxee.main --config=configs/train_baseline.py --workdir=runs/baseline_digits
-    python -m jaxee.main --config=configs/train_baseline.py:runlocal --workdir=/tmp/baseline
-    python -m jaxee.main --config=configs/train_baseline.py:runlocal,parallel=pmap \
+    jaxee-train --config=configs/train_baseline.py --workdir=runs/baseline_digits
+    jaxee-train --config=configs/train_baseline.py:runlocal --workdir=/tmp/baseline
+    jaxee-train --config=configs/train_baseline.py:runlocal,parallel=pmap \
         --workdir=/tmp/baseline_pmap --config.train.num_steps=20
 
 Args (`:arg`, comma-separated):

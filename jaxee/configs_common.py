@@ -2,7 +2,7 @@
 
 Every config file does `from jaxee import configs_common as common` (config files are loaded by
 path through absl `config_flags` or `importlib`, and import the installed package like any other
-code), so they work both under `python -m jaxee.main --config=configs/x.py:arg` and from tests.
+code), so they work both under `jaxee-train --config=configs/x.py:arg` and from tests.
 
 Training configs (ASE, DeeDiff, DuoDiff, TABM masks): the schema and every default come from
 `jaxee/train/config_base.py` (`base_config()` and the method-section builders re-exported
@@ -10,7 +10,7 @@ here); this module adds the papers' backbones and data (`research/ee_methods.md`
 DuoDiff/DeeDiff optimizer recipe, the tiny `runlocal` shrink and `finish(c)`, which validates
 the config (`jaxee.train.methods.validate`) so that a bad setting fails when the file is loaded.
 Sampling configs (`configs/sample_*.py`): `sample_base_config()`, the shared field set checked
-by `jaxee.sample_main.validate_config`.
+by `jaxee.sharded.run.validate_config`.
 
 Loading a config initialises no JAX backend.
 """

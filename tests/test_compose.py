@@ -117,6 +117,8 @@ def test_nonsense_compositions_are_refused():
   dee, _ = exits.deediff.benchmark_plan(model, params, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="DeeDiff"):
     exits.compose(a, dee)
+  with pytest.raises(ValueError, match="block-output mask"):
+    exits.compose(dee, exits.MaskPlan(np.ones((len(times), 8), bool), "branch", "branch"))
   with pytest.raises(TypeError, match="cannot compose"):
     exits.compose(a, "mask")
 
@@ -146,3 +148,24 @@ def test_spec_language_covers_every_kind_and_compositions(tmp_path):
                    ("ase:D9-DiT", "unknown ASE schedule")):
     with pytest.raises((ValueError, FileNotFoundError), match=msg):
       spec_lib.parse_plan(bad, model, nfe_times=times)
+
+
+@pytest.mark.parametrize("name", ["dit", "uvit", "toy"])
+def test_deediff_with_a_block_cache_equals_its_reference(name):
+  model, params = _model(name)
+  times = sampling.nfe_times(model, "ddim", 6)
+  bb = bb_lib.as_backbone(model)
+  dee, _ = exits.deediff.benchmark_plan(model, params, jax.random.PRNGKey(1),
+                                        exit_layer_at_noise=1, exit_layer_at_clean=bb.num_units)
+  mask = exits.MaskPlan(exits.random_mask(len(times), bb.num_units, 0.5, seed=4))
+  plan = exits.compose(dee, mask)
+  labels = jnp.array([1, 2])
+  x, st = jaxee.sample(model, params, jax.random.PRNGKey(0), plan=plan, labels=labels,
+                       return_stats=True, **KW)
+  x_ref = jaxee.sample(model, params, jax.random.PRNGKey(0), plan=testing.ReferencePlan(plan),
+                       labels=labels, **KW)
+  testing.assert_outputs_close(x, x_ref, 1e-6)
+  alone = jaxee.sample(model, params, jax.random.PRNGKey(0), plan=dee, labels=labels,
+                       return_stats=True, **KW)[1]
+  assert np.all(np.asarray(st["flops"]) <= np.asarray(alone["flops"]) + 1e-3)
+  assert np.any(np.asarray(st["flops"]) < np.asarray(alone["flops"]))  # reused blocks are free

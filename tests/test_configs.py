@@ -1,5 +1,5 @@
 """Every method config loads, bad settings fail at load with a clear message, and every
-`runlocal` variant trains a few steps through `jaxee.main.train_and_evaluate`."""
+`runlocal` variant trains a few steps through `jaxee.train.launch.train_and_evaluate`."""
 import importlib.util
 import json
 import pathlib
@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from jaxee import main
+from jaxee.train import launch
 from jaxee.exits import masks as masks_lib
 from jaxee.train import methods
 
@@ -35,7 +35,7 @@ def load(name, arg=""):
 def test_every_setting_loads_and_validates(name, arg):
   c = load(name, arg)
   methods.validate(c)
-  assert c.method in main.METHODS
+  assert c.method in launch.METHODS
   json.loads(c.to_json_best_effort())
 
 
@@ -127,7 +127,7 @@ def test_runlocal_trains(name, tmp_path):
   if c.method == "ase":       # no loss can improve 10-fold: the plateau test fires at step 2
     assert c.ase.lambda_mode == "plateau"
     c.ase.plateau_rel_tol = 10.0
-  summary = main.train_and_evaluate(c, str(tmp_path))
+  summary = launch.train_and_evaluate(c, str(tmp_path))
   if c.method == "masks":
     plan = masks_lib.load_mask_plan(summary["plan"])
     assert plan.mask.shape[0] == c.masks.steps and plan.mask[0].all()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxee import convert, models
-from jaxee.convert import __main__ as cli
+from jaxee.cli import convert as cli
 from jaxee.convert import torch_reader
 
 TINY = dict(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=10)

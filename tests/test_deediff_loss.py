@@ -1,4 +1,4 @@
-"""DeeDiff objective (`jaxee/train/deediff_loss.py`) on tiny backbones.
+"""DeeDiff objective (`jaxee/train/objectives/deediff.py`) on tiny backbones.
 
 The terms are recomputed by hand with NumPy from the same draws of t, noise and label dropout
 (re-derived from the key as documented), and the gradients are checked to reach every exit head
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxee import losses
 from jaxee.exits import deediff
-from jaxee.train import deediff_loss
+from jaxee.train.objectives import deediff as deediff_loss
+from jaxee.train.objectives import diffusion as diffusion_obj
 
 import deediff_fixtures as fx
 
@@ -72,7 +72,7 @@ def test_dit_terms_match_hand_computation():
   rng = jax.random.PRNGKey(11)
   fns = {v: deediff_loss.make_deediff_loss(model, lam=0.7, beta=1.3, variant=v)
          for v in ("paper", "public")}
-  simple_fn = losses.make_diffusion_loss(model)
+  simple_fn = diffusion_obj.make_diffusion_loss(model)
 
   @jax.jit
   def run(p):

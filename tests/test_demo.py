@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxee import demo
-from jaxee import demo_eval
-from jaxee import demo_methods
-from jaxee import demo_report
-from jaxee import demo_setup
+from jaxee.demo import evaluate as demo_eval
+from jaxee.demo import methods as demo_methods
+from jaxee.demo import report as demo_report
+from jaxee.demo import setup as demo_setup
 from jaxee.eval import report as report_lib
 
 

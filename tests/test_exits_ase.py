@@ -9,9 +9,8 @@ import pytest
 import jaxee
 from jaxee import models
 from jaxee import sampling
-from jaxee.diffusion import samplers as samplers_lib
 from jaxee.exits import ase
-from jaxee.exits import testing
+from jaxee import testing
 
 # ASE paper Table 5, as written in the exits issue: blocks per interval [0, 0.1] → [0.9, 1.0].
 PAPER_TABLE5 = {
@@ -49,8 +48,7 @@ def test_interval_bins_follow_original_timestep_bins():
 @pytest.mark.parametrize("sampler,steps,per_bin", [("ddpm", 250, 25), ("ddim", 50, 5)])
 def test_dit_grids_put_equal_steps_in_each_interval(sampler, steps, per_bin):
   model = models.create("dit", input_size=8, depth=4, hidden_size=32, num_heads=4)
-  sched = sampling.default_schedule(model, sampler, steps)
-  times = samplers_lib.nfe_times(sampler, sched)
+  times = sampling.nfe_times(model, sampler, steps)
   plan = ase.ASEPlan(PAPER_TABLE5["D3-DiT"], name="D3")
   depths = plan.depths(model, times)
   assert len(depths) == steps
@@ -64,8 +62,7 @@ def test_dit_grids_put_equal_steps_in_each_interval(sampler, steps, per_bin):
 @pytest.mark.parametrize("sampler", ["dpm_solver", "euler_maruyama"])
 def test_continuous_samplers_use_time_of_each_evaluation(sampler):
   model = models.create("uvit", img_size=8, depth=6, embed_dim=32, num_heads=4)
-  sched = sampling.default_schedule(model, sampler, 12)
-  times = samplers_lib.nfe_times(sampler, sched, steps=12)
+  times = sampling.nfe_times(model, sampler, 12)
   plan = ase.ASEPlan((3, 3, 2, 2, 2, 2, 1, 1, 0, 0))
   depths = plan.depths(model, times)
   tau = times.astype(np.float64) / 999.0  # vp_continuous: t_net = 999 t

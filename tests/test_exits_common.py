@@ -17,7 +17,7 @@ from jaxee.exits import duodiff
 from jaxee.exits import mask_tools
 from jaxee.exits import masks
 from jaxee.exits import plan as plan_lib
-from jaxee.exits import testing
+from jaxee import testing
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
 

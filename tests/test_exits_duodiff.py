@@ -9,10 +9,9 @@ import pytest
 import jaxee
 from jaxee import models
 from jaxee import sampling
-from jaxee.diffusion import samplers as samplers_lib
 from jaxee.eval import flops as flops_lib
 from jaxee.exits import duodiff
-from jaxee.exits import testing
+from jaxee import testing
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +22,7 @@ def models_and_params():
 
 
 def _times(model, sampler, steps):
-  sched = sampling.default_schedule(model, sampler, steps)
-  kw = {} if sampler in ("ddpm", "ddim") else {"steps": steps}
-  return samplers_lib.nfe_times(sampler, sched, **kw)
+  return sampling.nfe_times(model, sampler, steps)
 
 
 def test_ddpm_1000_runs_t_switch_shallow_steps(models_and_params):

@@ -11,7 +11,7 @@ import jaxee
 from jaxee.eval import flops as flops_lib
 from jaxee.exits import mask_tools
 from jaxee.exits import masks
-from jaxee.exits import testing
+from jaxee import testing
 from jaxee.models import backbone as bb_lib
 
 STEPS = 6

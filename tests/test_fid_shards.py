@@ -1,13 +1,14 @@
-"""FID over a sampling run's shards (`jaxee.eval.fid_shards`): manifest checks and streaming."""
+"""FID over a sampling run's shards (`jaxee.eval.fid_shards`, `jaxee-fid`): manifest, streaming."""
 import json
 
 import numpy as np
 import pytest
 
-from jaxee import sample_shards
+from jaxee.cli import fid as fid_cli
 from jaxee.eval import fid as fid_lib
 from jaxee.eval import fid_shards
 from jaxee.eval.inception_convert import load_inception
+from jaxee.sharded import shards as shards_lib
 
 
 def _write_run(root, counts, size=8, kind="images", seed=0):
@@ -17,10 +18,10 @@ def _write_run(root, counts, size=8, kind="images", seed=0):
   for k, c in enumerate(counts):
     x = rng.integers(0, 256, size=(c, size, size, 3), dtype=np.uint8)
     images.append(x)
-    sample_shards.write_npz(root / "shards" / f"shard_{k:05d}.npz",
+    shards_lib.write_npz(root / "shards" / f"shard_{k:05d}.npz",
                             {kind: x, "labels": np.zeros(c, np.int32),
                              "index": np.arange(c, dtype=np.int64)})
-  sample_shards.write_manifest(root, counts, False, kind)
+  shards_lib.write_manifest(root, counts, False, kind)
   return np.concatenate(images)
 
 
@@ -84,8 +85,8 @@ class _NoWork:
 def test_cli_rejects_bad_batch_size_before_any_work(tmp_path, monkeypatch, capsys, batch_size):
   _write_run(tmp_path / "run", [2])
   _NoWork(monkeypatch)
-  code = fid_shards.main(["--samples", str(tmp_path / "run"), "--ref", str(tmp_path / "r.npz"),
-                          "--inception", "x.pth", "--batch-size", batch_size])
+  code = fid_cli.main(["--samples", str(tmp_path / "run"), "--ref", str(tmp_path / "r.npz"),
+                       "--inception", "x.pth", "--batch-size", batch_size])
   err = capsys.readouterr().err
   assert code == 2 and "--batch-size must be >= 1" in err and "Traceback" not in err
 
@@ -117,8 +118,8 @@ def test_bad_reference_is_refused_before_the_inception_pass(tmp_path, monkeypatc
   no_work = _NoWork(monkeypatch)
   with pytest.raises((ValueError, FileNotFoundError), match="ref.npz"):
     fid_shards.fid_from_shards(tmp_path / "run", path, no_work, batch_size=2, progress=False)
-  code = fid_shards.main(["--samples", str(tmp_path / "run"), "--ref", str(path),
-                          "--inception", "x.pth"])
+  code = fid_cli.main(["--samples", str(tmp_path / "run"), "--ref", str(path),
+                       "--inception", "x.pth"])
   err = capsys.readouterr().err
   assert code == 2 and "ref.npz" in err and "Traceback" not in err
 

@@ -1,14 +1,16 @@
-"""Unit tests of the ASE and DuoDiff objectives (`jaxee/losses.py`) on tiny random backbones."""
+"""Unit tests of the ASE and DuoDiff objectives (`jaxee.train.objectives`) on tiny backbones."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxee import losses
 from jaxee import models
 from jaxee.diffusion import gaussian
 from jaxee.exits import ase
-from jaxee.exits import testing
+from jaxee import testing
+from jaxee.train.objectives import ase as ase_obj
+from jaxee.train.objectives import diffusion as diffusion_obj
+from jaxee.train.objectives import duodiff as duodiff_obj
 
 RNG = jax.random.PRNGKey(0)
 # The truncated reference network (model and depth static).
@@ -59,7 +61,7 @@ def dit2():
 def test_ase_dit_gradients_reach_only_used_blocks_and_loss_is_truncated_hybrid(dit4):
   model, params = dit4                                 # learn_sigma: hybrid loss
   plan = ase.ase_plan("D3-DiT", depth=4)               # (4, 4, 3, 3, 3, 3, 2, 2, 2, 2)
-  loss_fn = losses.make_ase_loss(model, plan, boost=3.0, cycle_length=5, label_dropout=0.0)
+  loss_fn = ase_obj.make_ase_loss(model, plan, boost=3.0, cycle_length=5, label_dropout=0.0)
   x0, y = testing.example_inputs(model, 3)
   t = jnp.array([950, 50, 450], jnp.int32)             # depths 2, 4, 3
   noise = jax.random.normal(jax.random.PRNGKey(7), x0.shape)
@@ -79,7 +81,7 @@ def test_ase_dit_gradients_reach_only_used_blocks_and_loss_is_truncated_hybrid(d
     assert _max_abs(jax.tree.map(lambda g: g[i], grads["final_layer"])) > 0
 
   # Each sample's loss is the hybrid loss (mse + vb) of its truncated network, times λ.
-  sched = losses.training_schedule(model)
+  sched = diffusion_obj.training_schedule(model)
   x_t = gaussian.q_sample(sched, x0, t, noise)
   outs = _prefix_outputs(model, params, x_t, sched.at(t)["t_net"], y, depths)
   ref = gaussian.training_losses(sched, outs, x0, t, noise)
@@ -94,7 +96,7 @@ def test_ase_dit_gradients_reach_only_used_blocks_and_loss_is_truncated_hybrid(d
 def test_ase_uvit_dropped_out_blocks_keep_only_skip_linear_gradients(uvit6):
   model, params = uvit6
   plan = ase.ase_plan("D1-U-ViT", depth=3)             # (3, 3, 2, 2, 1, 1, 1, 1, 1, 1)
-  loss_fn = losses.make_ase_loss(model, plan, cycle_length=5)
+  loss_fn = ase_obj.make_ase_loss(model, plan, cycle_length=5)
   x0, _ = testing.example_inputs(model, 2)
   batch = {"image": x0, "t": jnp.array([0.95, 0.25]),
            "noise": jax.random.normal(jax.random.PRNGKey(3), x0.shape)}
@@ -115,14 +117,14 @@ def test_ase_uvit_dropped_out_blocks_keep_only_skip_linear_gradients(uvit6):
 def test_ase_plain_eps_mse_without_learned_sigma(dit2):
   model, params = dit2
   plan = ase.ASEPlan((2,) * 5 + (1,) * 5)
-  loss_fn = losses.make_ase_loss(model, plan, lambda_mode="constant", boost=1.0,
+  loss_fn = ase_obj.make_ase_loss(model, plan, lambda_mode="constant", boost=1.0,
                                  label_dropout=0.0)
   x0, y = testing.example_inputs(model, 2)
   t = jnp.array([10, 990])
   noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
   batch = {"image": x0, "label": y, "t": t, "noise": noise}
   (per_loss, metrics), _ = _per_sample_values_and_grads(loss_fn, params, batch, {})
-  sched = losses.training_schedule(model)
+  sched = diffusion_obj.training_schedule(model)
   x_t = gaussian.q_sample(sched, x0, t, noise)
   out = _prefix_outputs(model, params, x_t, sched.at(t)["t_net"], y, [2, 1])
   np.testing.assert_allclose(per_loss, jnp.mean((out - noise) ** 2, axis=(1, 2, 3)), rtol=2e-5)
@@ -130,18 +132,18 @@ def test_ase_plain_eps_mse_without_learned_sigma(dit2):
 
 
 def test_ase_lambda_cycle_switches_once_or_repeats():
-  once = [bool(losses.ase_boost_active({"step": s}, "cycle", 3)) for s in range(8)]
+  once = [bool(ase_obj.ase_boost_active({"step": s}, "cycle", 3)) for s in range(8)]
   assert once == [True] * 3 + [False] * 5
-  rep = [bool(losses.ase_boost_active({"step": s}, "cycle", 3, True)) for s in range(8)]
+  rep = [bool(ase_obj.ase_boost_active({"step": s}, "cycle", 3, True)) for s in range(8)]
   assert rep == [True, True, True, False, False, False, True, True]
   with pytest.raises(ValueError, match="lambda mode"):
-    losses.ase_boost_active({}, "sometimes")
+    ase_obj.ase_boost_active({}, "sometimes")
 
 
 def test_ase_lambda_applies_boost_only_in_boosted_phase(dit2):
   model, params = dit2
   plan = ase.ASEPlan((2,) * 5 + (1,) * 5)
-  loss_fn = jax.jit(lambda p, b, e: losses.make_ase_loss(
+  loss_fn = jax.jit(lambda p, b, e: ase_obj.make_ase_loss(
       model, plan, boost=4.0, cycle_length=2, label_dropout=0.0)(p, b, RNG,
                                                                  train_state_extras=e))
   x0, y = testing.example_inputs(model, 2)
@@ -156,32 +158,33 @@ def test_ase_lambda_applies_boost_only_in_boosted_phase(dit2):
 
 
 def test_plateau_test_ends_boost_on_flat_loss_only(dit2):
-  state = losses.plateau_init()
+  state = ase_obj.plateau_init()
   for i in range(1000):
-    state = losses.plateau_update(state, 10.0 * np.exp(-i / 200), window=50, patience=2)
+    state = ase_obj.plateau_update(state, 10.0 * np.exp(-i / 200), window=50, patience=2)
   assert float(state["boost"]) == 1.0
   for _ in range(50 * 3):
-    state = losses.plateau_update(state, 0.5, window=50, patience=2)
+    state = ase_obj.plateau_update(state, 0.5, window=50, patience=2)
   assert float(state["boost"]) == 0.0
   for i in range(500):       # never switches back on
-    state = losses.plateau_update(state, 0.1 * np.exp(-i), window=50, patience=2)
+    state = ase_obj.plateau_update(state, 0.1 * np.exp(-i), window=50, patience=2)
   assert float(state["boost"]) == 0.0
 
   model, params = dit2
-  loss_fn = losses.make_ase_loss(model, ase.ASEPlan((2,) * 5 + (1,) * 5), boost=2.0,
+  loss_fn = ase_obj.make_ase_loss(model, ase.ASEPlan((2,) * 5 + (1,) * 5), boost=2.0,
                                  lambda_mode="plateau", label_dropout=0.0)
   x0, y = testing.example_inputs(model, 2)
   batch = {"image": x0, "label": y, "t": jnp.array([990, 990])}
   run = jax.jit(lambda e: loss_fn(params, batch, RNG, train_state_extras=e)[1]["weight_mean"])
-  on = run({"ase_boost": np.float32(losses.plateau_init()["boost"])})
+  on = run({"ase_boost": np.float32(ase_obj.plateau_init()["boost"])})
   off = run({"ase_boost": np.float32(state["boost"])})
   assert float(on) == 2.0 and float(off) == 1.0
 
 
 def test_duodiff_shallow_dit_from_deep_is_the_deep_prefix(dit4):
   deep, params = dit4
-  shallow = models.create("dit", **{**_dit_kwargs(deep), "depth": losses.shallow_depth(deep, 2)})
-  sp = losses.init_shallow_from_deep(params, deep, shallow)
+  shallow = models.create("dit", **{**_dit_kwargs(deep),
+                                    "depth": duodiff_obj.shallow_depth(deep, 2)})
+  sp = duodiff_obj.init_shallow_from_deep(params, deep, shallow)
   shapes = jax.eval_shape(shallow.init, RNG, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
                           jnp.zeros((1,), jnp.int32))["params"]
   assert jax.tree.structure(shapes) == jax.tree.structure(sp)
@@ -196,13 +199,13 @@ def test_duodiff_shallow_uvit_init_and_eps_mse(uvit6):
   # DuoDiff's U-ViTs train on the linear β chain (t in 0..999); the params do not depend on it.
   deep = uvit6[0].clone(default_schedule="linear_discrete")
   params = uvit6[1]
-  depth = losses.shallow_depth(deep, 3)
+  depth = duodiff_obj.shallow_depth(deep, 3)
   assert depth == 2
   with pytest.raises(ValueError, match="odd number of layers"):
-    losses.shallow_depth(deep, 4)
+    duodiff_obj.shallow_depth(deep, 4)
   shallow = models.create("uvit", img_size=8, patch_size=2, in_chans=3, embed_dim=32,
                           depth=depth, num_heads=4, default_schedule="linear_discrete")
-  sp = losses.init_shallow_from_deep(params, deep, shallow)
+  sp = duodiff_obj.init_shallow_from_deep(params, deep, shallow)
   shapes = jax.eval_shape(shallow.init, RNG, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"]
   assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, sp)
   for a, b in zip(jax.tree.leaves(sp["in_blocks"]), jax.tree.leaves(params["in_blocks"])):
@@ -210,13 +213,13 @@ def test_duodiff_shallow_uvit_init_and_eps_mse(uvit6):
   for a, b in zip(jax.tree.leaves(sp["out_blocks"]), jax.tree.leaves(params["out_blocks"])):
     np.testing.assert_array_equal(a[0], b[-1])     # consumes in-block 0's skip (LIFO)
 
-  loss_fn = losses.make_duodiff_loss(shallow)
+  loss_fn = duodiff_obj.make_duodiff_loss(shallow)
   x0, _ = testing.example_inputs(shallow, 2)
   t = jnp.array([5, 999])
   noise = jax.random.normal(jax.random.PRNGKey(4), x0.shape)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(
       lambda p: loss_fn(p, {"image": x0, "t": t, "noise": noise}, RNG), has_aux=True))(sp)
-  sched = losses.training_schedule(shallow)
+  sched = diffusion_obj.training_schedule(shallow)
   x_t = gaussian.q_sample(sched, x0, t, noise)
   eps = jax.jit(shallow.apply)({"params": sp}, x_t, t.astype(jnp.float32), None)   # DuoDiff: t in 0..999
   np.testing.assert_allclose(float(loss), float(jnp.mean((eps - noise) ** 2)), rtol=1e-5)

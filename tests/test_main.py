@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxee import main as main_lib
+from jaxee.train import launch as main_lib
 from jaxee.train import checkpoint
 from jaxee.train import config_base
 from jaxee.train import trainer

@@ -1,4 +1,4 @@
-"""TABM mask optimisation (`jaxee/train/masks_opt.py`) on a tiny DiT / U-ViT with few steps."""
+"""TABM mask optimisation (`jaxee/train/objectives/masks.py`), tiny DiT / U-ViT, few steps."""
 import copy
 import dataclasses
 
@@ -11,10 +11,10 @@ import jaxee
 from jaxee.exits import mask_tools
 from jaxee.exits import masks as masks_lib
 from jaxee import models
-from jaxee.exits import testing
+from jaxee import testing
 from jaxee.models import backbone as bb_lib
-from jaxee.train import masks_opt
-from jaxee.train import masks_teacher
+from jaxee.train.objectives import masks as masks_opt
+from jaxee.train.objectives import masks_teacher
 
 STEPS = 4
 OPTS = dict(sampler="ddim", steps=STEPS, num_samples=2, iters_per_step=12, lr=0.05,

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxee.sample as cli
-from jaxee import sample_main, sample_shards, validation
+from jaxee import validation
+from jaxee.cli import sample as cli
+from jaxee.sharded import run as run_lib
+from jaxee.sharded import shards as shards_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -44,8 +46,8 @@ class _Counter:
 
   def __init__(self, monkeypatch):
     self.calls = 0
-    self._sample = sample_main.sampling_lib.sample
-    monkeypatch.setattr(sample_main.sampling_lib, "sample", self)
+    self._sample = run_lib.sampling_lib.sample
+    monkeypatch.setattr(run_lib.sampling_lib, "sample", self)
 
   def __call__(self, *args, **kwargs):
     self.calls += 1
@@ -55,7 +57,7 @@ class _Counter:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   out = tmp_path_factory.mktemp("reference")
-  sample_main.run_sampling(runlocal(out))
+  run_lib.run_sampling(runlocal(out))
   return out
 
 
@@ -63,14 +65,14 @@ def _zeroed(path):
   with np.load(path) as z:
     arrays = {k: z[k] for k in z.files}
   arrays["latents"] = np.zeros_like(arrays["latents"])
-  sample_shards.write_npz(path, arrays)
+  shards_lib.write_npz(path, arrays)
 
 
 def _reshaped(path):
   with np.load(path) as z:
     arrays = {k: z[k] for k in z.files}
   arrays["latents"] = arrays["latents"].reshape(4, 8, 4, 8)
-  sample_shards.write_npz(path, arrays)
+  shards_lib.write_npz(path, arrays)
 
 
 def _replaced(path):
@@ -88,7 +90,7 @@ def test_wrong_shards_are_recomputed_not_resigned(reference, tmp_path, monkeypat
   damage(out / SHARDS[2])
   counter = _Counter(monkeypatch)
   with caplog.at_level(logging.WARNING):
-    result = sample_main.run_sampling(runlocal(out))
+    result = run_lib.run_sampling(runlocal(out))
   assert counter.calls == 1 and result["shards_computed"] == 1
   assert "shard_00002" in caplog.text and "recomputing" in caplog.text
   assert _bytes(out) == _bytes(reference)
@@ -100,21 +102,21 @@ def test_wrong_index_is_caught_without_any_recorded_hash(reference, tmp_path, mo
   out = tmp_path / "run"
   shutil.copytree(reference, out)
   (out / "manifest.json").unlink()
-  (out / sample_shards.PROVENANCE_FILE).unlink()
+  (out / shards_lib.PROVENANCE_FILE).unlink()
   _replaced(out / SHARDS[1])
   counter = _Counter(monkeypatch)
-  sample_main.run_sampling(runlocal(out))
+  run_lib.run_sampling(runlocal(out))
   assert counter.calls == 1 and _bytes(out) == _bytes(reference)
 
 
 def test_bad_steps_leave_nothing_behind_and_the_fix_runs(tmp_path):
   out = tmp_path / "run"
   with pytest.raises(ValueError, match="steps=5000 is not possible"):
-    sample_main.run_sampling(runlocal(out, steps=5000))
+    run_lib.run_sampling(runlocal(out, steps=5000))
   assert not out.exists()
   assert cli.main(["prog"], runlocal(out, steps=5000)) == 2
   assert not out.exists()
-  result = sample_main.run_sampling(runlocal(out, num_samples=4, steps=2))
+  result = run_lib.run_sampling(runlocal(out, num_samples=4, steps=2))
   assert result["shards_computed"] == 1
 
 
@@ -123,10 +125,10 @@ def test_non_finite_samples_stop_the_run_naming_shard_and_batch(tmp_path, monkey
     del model, params, rng, kwargs
     return jnp.full(x_T.shape, jnp.nan)
 
-  monkeypatch.setattr(sample_main.sampling_lib, "sample", nan_sampler)
+  monkeypatch.setattr(run_lib.sampling_lib, "sample", nan_sampler)
   out = tmp_path / "run"
   with pytest.raises(validation.NonFiniteError, match="shard 0, batch 0"):
-    sample_main.run_sampling(runlocal(out))
+    run_lib.run_sampling(runlocal(out))
   assert not (out / "config.json").exists() and not (out / SHARDS[0]).exists()
 
 
@@ -134,7 +136,7 @@ def test_forced_resume_records_provenance_per_shard(reference, tmp_path):
   out = tmp_path / "run"
   shutil.copytree(reference, out)
   (out / SHARDS[2]).unlink()
-  sample_main.run_sampling(runlocal(out, seed=1, force=True))
+  run_lib.run_sampling(runlocal(out, seed=1, force=True))
   manifest = json.loads((out / "manifest.json").read_text())
   ids = [s["config"] for s in manifest["shards"]]
   assert ids[0] == ids[1] != ids[2]
@@ -144,9 +146,9 @@ def test_forced_resume_records_provenance_per_shard(reference, tmp_path):
 
 def test_one_process_per_out_dir(tmp_path):
   out = tmp_path / "run"
-  with sample_shards.claim_out_dir(out):
-    with pytest.raises(sample_shards.OutDirError, match="another process is sampling"):
-      sample_main.run_sampling(runlocal(out))
+  with shards_lib.claim_out_dir(out):
+    with pytest.raises(shards_lib.OutDirError, match="another process is sampling"):
+      run_lib.run_sampling(runlocal(out))
   assert not out.exists()  # nothing was written: the claim is undone
 
 

@@ -1,9 +1,9 @@
 """The three data-parallel wrappers of `step_core` agree; rngs, donation and frozen groups.
 
 Runs on the 8 fake CPU devices set up by `conftest.py`, with a depth-2, width-32 DiT on 8x8x4
-inputs and the epsilon-MSE objective of `jaxee.train.objective`. The three 3-step runs are
-compiled once (module fixture) and shared by the agreement, donation and frozen-group tests:
-AdamW with weight decay, a cosine schedule, clipping and two frozen groups.
+inputs and the epsilon-MSE objective of `jaxee.train.objectives.diffusion`. The three 3-step
+runs are compiled once (module fixture) and shared by the agreement, donation and frozen-group
+tests: AdamW with weight decay, a cosine schedule, clipping and two frozen groups.
 """
 import jax
 import jax.numpy as jnp
@@ -12,10 +12,10 @@ import optax
 import pytest
 
 from jaxee import models
-from jaxee.train import objective
 from jaxee.train import optim
 from jaxee.train import state as state_lib
 from jaxee.train import step as step_lib
+from jaxee.train.objectives import diffusion
 
 BATCH = 16
 OPT = dict(lr=1e-3, weight_decay=0.05, grad_clip_norm=1.0)
@@ -34,11 +34,11 @@ def setup():
   params = jax.jit(model.init)(jax.random.PRNGKey(0), x, jnp.zeros(2),
                                jnp.zeros(2, jnp.int32))["params"]
   params = jax.device_get(params)
-  return model, params, objective.make_eps_mse_loss(model)
+  return model, params, diffusion.make_eps_mse_loss(model)
 
 
 def _batches(n):
-  return [objective.synthetic_batch(i, BATCH) for i in range(n)]
+  return [diffusion.synthetic_batch(i, BATCH) for i in range(n)]
 
 
 def _run(kind, model, params, loss_fn, config=None, steps=3):

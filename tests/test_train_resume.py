@@ -1,6 +1,6 @@
 """Kill -9 in the middle of a tiny training run, rerun the same command: same loss sequence.
 
-Runs `tools/train_kill_resume.py` (three `python -m jaxee.main` runs of
+Runs `tools/train_kill_resume.py` (three `jaxee-train` runs of
 `configs/train_baseline.py:runlocal` on CPU; see its docstring) and checks its verdict.
 """
 import json

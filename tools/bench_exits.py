@@ -69,10 +69,8 @@ def build(args, abstract: bool = False):
   """Model, random params (shapes only when `abstract`), labels, NFE times."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxee import models, sampling  # pylint: disable=g-import-not-at-top
-  from jaxee.diffusion import samplers as samplers_lib  # pylint: disable=g-import-not-at-top
-  from jaxee.exits import testing  # pylint: disable=g-import-not-at-top
+  from jaxee import testing  # pylint: disable=g-import-not-at-top
   overrides = {}
   if args.input_size:
     overrides["input_size" if args.arch.startswith("dit") else "img_size"] = args.input_size
@@ -85,9 +83,7 @@ def build(args, abstract: bool = False):
     params = testing.random_params(model, jax.random.PRNGKey(0))
   ncls = model.num_classes if model.num_classes > 0 else 0
   labels = (jnp.arange(args.batch, dtype=jnp.int32) % min(ncls, 1000)) if ncls else None
-  sched = sampling.default_schedule(model, args.sampler, args.steps)
-  kw = {} if args.sampler in ("ddpm", "ddim") else {"steps": args.steps}
-  times = np.asarray(samplers_lib.nfe_times(args.sampler, sched, **kw))
+  times = sampling.nfe_times(model, args.sampler, args.steps)
   return model, params, labels, times
 
 
@@ -96,7 +92,7 @@ def run(args) -> list[dict]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jaxee  # pylint: disable=g-import-not-at-top
   from jaxee.eval import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from jaxee.exits import testing  # pylint: disable=g-import-not-at-top
+  from jaxee import testing  # pylint: disable=g-import-not-at-top
 
   model, params, labels, times = build(args)
   specs = split_plans(args.plan or ["ase:D3-DiT"])

@@ -3,7 +3,7 @@
     python tools/multihost_train.py --root=/tmp/multihost \
         [--config=configs/train_baseline.py:runlocal] [--steps=6]
 
-Runs `python -m jaxee.main --config=CONFIG --workdir=ROOT/multi --multihost
+Runs `jaxee-train --config=CONFIG --workdir=ROOT/multi --multihost
 --coordinator_address=localhost:PORT --num_processes=2 --process_id=i` twice (i = 0, 1), each
 process with `--xla_force_host_platform_device_count=4`, joined by `jax.distributed.initialize`
 with gloo CPU collectives (`jax_cpu_collectives_implementation`), and, concurrently, the same
@@ -101,7 +101,7 @@ def main() -> int:
   procs = []
   for pid in range(2):
     env = dict(base_env, XLA_FLAGS=device_flags(4, base_env.get("XLA_FLAGS", ""), args.fast))
-    cmd = [sys.executable, "-m", "jaxee.main", *common, f"--workdir={multi_dir}",
+    cmd = [sys.executable, "-m", "jaxee.cli.train", *common, f"--workdir={multi_dir}",
            "--multihost", f"--coordinator_address=localhost:{port}", "--num_processes=2",
            f"--process_id={pid}"]
     log = open(root / f"multi_p{pid}.log", "w")
@@ -110,7 +110,7 @@ def main() -> int:
   env = dict(base_env, XLA_FLAGS=device_flags(8, base_env.get("XLA_FLAGS", ""), args.fast))
   log = open(root / "single.log", "w")
   procs.append(("single", subprocess.Popen(
-      [sys.executable, "-m", "jaxee.main", *common, f"--workdir={single_dir}"], env=env,
+      [sys.executable, "-m", "jaxee.cli.train", *common, f"--workdir={single_dir}"], env=env,
       cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log))
   deadline = time.time() + args.timeout
   failed = []

@@ -43,7 +43,7 @@ def depth_curves(args) -> dict:
   import jaxee  # pylint: disable=g-import-not-at-top
   from jaxee.eval import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from jaxee.exits import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from jaxee.exits import testing  # pylint: disable=g-import-not-at-top
+  from jaxee import testing  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_exits  # pylint: disable=g-import-not-at-top
 

@@ -3,7 +3,7 @@
     python tools/train_kill_resume.py --root=/tmp/kill_resume \
         [--config=configs/train_baseline.py:runlocal]
 
-Three runs of `python -m jaxee.main --config=CONFIG --workdir=...` (CPU):
+Three runs of `jaxee-train --config=CONFIG --workdir=...` (CPU):
 
 1. `victim/`: the command with `--config.train.debug_step_sleep_s` (so that the kill lands
    mid-run). As soon as a checkpoint is committed and `metrics.jsonl` shows a step past it,
@@ -41,7 +41,7 @@ COMPARED = ("loss", "grad_norm", "param_norm")
 
 
 def command(config: str, workdir: pathlib.Path, extra=()) -> list:
-  return [sys.executable, "-m", "jaxee.main", f"--config={config}", f"--workdir={workdir}",
+  return [sys.executable, "-m", "jaxee.cli.train", f"--config={config}", f"--workdir={workdir}",
           *extra]
 
 

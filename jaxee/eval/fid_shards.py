@@ -1,6 +1,6 @@
-"""FID / Inception Score over the sample shards written by `python -m jaxee.sample`.
+"""FID / Inception Score over the sample shards written by `jaxee-sample`.
 
-    python -m jaxee.eval.fid_shards --samples runs/sample_dit_xl_2_256 \
+    jaxee-fid --samples runs/sample_dit_xl_2_256 \
         --ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth \
         [--batch-size 100] [--save-stats runs/sample_dit_xl_2_256/fid_stats.npz] [--json OUT]
 
@@ -18,18 +18,15 @@ reported as a score.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import sys
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from jaxee import atomic_io
-from jaxee import sample_shards
 from jaxee import validation
 from jaxee.eval import fid as fid_lib
+from jaxee.sharded import shards as shards_lib
 
 
 class ShardError(ValueError):
@@ -53,7 +50,7 @@ def check_shards(samples_dir) -> list[tuple[pathlib.Path, int]]:
   manifest_path = root / "manifest.json"
   if not manifest_path.is_file():
     raise FileNotFoundError(f"{manifest_path} not found: the sampling run has not finished "
-                            f"(rerun the same `python -m jaxee.sample` command to resume it)")
+                            f"(rerun the same `jaxee-sample` command to resume it)")
   manifest = json.loads(manifest_path.read_text())
   if manifest.get("kind") not in (None, "images"):
     raise ShardError(f"{root} holds {manifest.get('kind')!r}, not decoded images; sample with a "
@@ -63,7 +60,7 @@ def check_shards(samples_dir) -> list[tuple[pathlib.Path, int]]:
     path = root / entry["file"]
     if not path.is_file():
       raise ShardError(f"shard {path} listed in the manifest is missing")
-    if sample_shards.sha256(path) != entry["sha256"]:
+    if shards_lib.sha256(path) != entry["sha256"]:
       raise ShardError(f"shard {path} does not match its manifest checksum (modified or "
                        f"truncated); delete it and rerun the sampler to recompute it")
     out.append((path, int(entry["count"])))
@@ -135,47 +132,6 @@ def _check_features(feats: dict, shards: list[tuple[pathlib.Path, int]]) -> None
     start += count
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--samples", required=True, help="the sampler's out_dir")
-  p.add_argument("--ref", required=True, help="reference statistics .npz")
-  p.add_argument("--inception", required=True,
-                 help="pt_inception-2015-12-05-6726825d.pth (read without torch)")
-  p.add_argument("--batch-size", type=int, default=100)
-  p.add_argument("--save-stats", default=None)
-  p.add_argument("--json", default=None, help="also write the result to this file")
-  args = p.parse_args(argv)
-  if args.batch_size < 1:
-    print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
-    return 2
-  from jaxee.eval import inception_convert  # pylint: disable=g-import-not-at-top
-  try:
-    check_shards(args.samples)  # cheap checks before the Inception weights are even read
-    if _has_stats(args.ref):
-      fid_lib.load_reference_stats(args.ref)
-    variables = inception_convert.load_inception(args.inception)
-    result = fid_from_shards(args.samples, args.ref, variables, batch_size=args.batch_size,
-                             save_stats=args.save_stats)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  text = json.dumps(result)
-  print(text)
-  if args.json:
-    atomic_io.atomic_write_text(args.json, text + "\n")
-  return 0
-
-
-def _has_stats(path: str) -> bool:
-  """Whether `path` looks like a `mu`/`sigma` file (then it is checked before anything runs);
-  missing or unreadable files count as such, so that their error comes first too."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      return "arr_0" not in z.files
-  except Exception:  # pylint: disable=broad-except
-    return True
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # `python -m jaxee.eval.fid_shards`: the same command as `jaxee-fid`
+  from jaxee.cli import fid  # pylint: disable=g-import-not-at-top
+  fid.run()

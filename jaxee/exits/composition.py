@@ -15,9 +15,13 @@ What composes (each piece keeps its own semantics, `research/ee_methods.md`):
   carried untouched through the shallow NFEs, and the first deep NFE computes every unit (its
   mask row is forced to ones, as row 0 is for a mask alone).
 
+* **exit + cache** (DeeDiff + a block-output mask): the batched while-loop runner reuses a
+  block's cached output where the mask is 0 (`DeeDiffPlan.bind(..., unit_mask=...)`); the blocks
+  after the batch's exit are not run and keep their stale cache entries.
+
 Refused, with the reason: two plans of one kind (two depth schedules, masks or phases);
-DeeDiff with ASE or DuoDiff (two rules deciding the depth / the model); DeeDiff with a cache is
-not implemented yet.
+DeeDiff with ASE or DuoDiff (two rules deciding the depth / the model); DeeDiff with a branch
+cache (its exits sit between blocks) or with the exact / per-device runner.
 
 Runner: per segment, one `fori_loop` over the groups before the limit (each unit a scalar
 `lax.cond` between compute and the cached value) and one over the dropped groups — traced trip
@@ -39,16 +43,18 @@ from jaxee.exits import plan as plan_lib
 from jaxee.models import backbone as bb_lib
 
 
-@plan_lib.pytree_plan(data=("phase", "depth", "cache"))
+@plan_lib.pytree_plan(data=("phase", "depth", "cache", "exit"))
 class ComposedPlan:
-  """A DuoDiff phase, an ASE depth schedule and a mask cache, any two or three of them."""
+  """A DuoDiff phase, an ASE depth schedule and a mask cache (any two or three of them), or a
+  DeeDiff exit with a block-output cache."""
   phase: Optional[duodiff_lib.DuoDiffPlan] = None
   depth: Optional[ase_lib.ASEPlan] = None
   cache: Optional[masks_lib.MaskPlan] = None
+  exit: Any = None
 
   @property
   def parts(self) -> list:
-    return [p for p in (self.phase, self.depth, self.cache) if p is not None]
+    return [p for p in (self.phase, self.depth, self.cache, self.exit) if p is not None]
 
   @property
   def name(self) -> str:
@@ -59,6 +65,8 @@ class ComposedPlan:
       names.append(f"ase:{self.depth.name}")
     if self.cache is not None:
       names.append(f"mask:{self.cache.unit}:{self.cache.cache_mode}")
+    if self.exit is not None:
+      names.append(self.exit.name)
     return "+".join(names)
 
   def check(self, model: Any, nfe_times) -> None:
@@ -67,6 +75,8 @@ class ComposedPlan:
 
   def bind(self, model: Any, params: Any, nfe_times) -> plan_lib.BoundPlan:
     times = plan_lib.check_nfe_times(nfe_times)
+    if self.exit is not None:
+      return self.exit.bind(model, params, times, unit_mask=self.cache.unit_mask(jnp))
     if self.phase is not None:
       deep_p, _ = self.phase.resolve_params(params)
       flags = self.phase.shallow_flags(model, times)
@@ -102,12 +112,21 @@ def compose(*plans) -> ComposedPlan:
   flat = []
   for p in plans:
     flat.extend(p.parts if isinstance(p, ComposedPlan) else [p])
+  exits = [p for p in flat if isinstance(p, deediff_lib.DeeDiffPlan)]
+  if exits:
+    others = [q for q in flat if q is not exits[0]]
+    names = [type(q).__name__ for q in others]
+    if len(exits) > 1 or len(others) != 1 or not isinstance(others[0], masks_lib.MaskPlan):
+      raise ValueError(f"DeeDiff decides the depth itself; it composes only with one mask "
+                       f"(a block-output cache), not with {names}")
+    mask = others[0]
+    if mask.granularity != "block":
+      raise ValueError("DeeDiff exits between blocks: compose it with a block-output mask "
+                       "(unit='block', cache_mode='block_output')")
+    if exits[0].mode != "batched" or exits[0].mesh is not None:
+      raise ValueError("DeeDiff with a cache needs the batched runner on one device")
+    return ComposedPlan(cache=mask, exit=exits[0])
   for p in flat:
-    if isinstance(p, deediff_lib.DeeDiffPlan):
-      others = [type(q).__name__ for q in flat if q is not p]
-      if any(isinstance(q, (ase_lib.ASEPlan, duodiff_lib.DuoDiffPlan)) for q in flat):
-        raise ValueError(f"DeeDiff decides the depth itself; it does not compose with {others}")
-      raise ValueError("DeeDiff with a cache is not implemented yet; run them separately")
     for cls, slot, what in kinds:
       if isinstance(p, cls):
         if slots[slot] is not None:

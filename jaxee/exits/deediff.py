@@ -52,6 +52,7 @@ import numpy as np
 
 from jaxee.exits import deediff_heads as heads_lib
 from jaxee.exits import plan as plan_lib
+from jaxee.models import backbone as bb_lib
 from jaxee.models.backbone import UnitRef, take
 
 MODES = ("exact", "batched")
@@ -208,8 +209,12 @@ class DeeDiffPlan:
     if not plan_lib.is_traced(self.min_fraction):
       _validate_min_fraction(self.min_fraction)
 
-  def bind(self, model: Any, params: Any, nfe_times) -> plan_lib.BoundPlan:
+  def bind(self, model: Any, params: Any, nfe_times, unit_mask=None) -> plan_lib.BoundPlan:
     """Binds the runner (θ, min_fraction and the head/UEM params may be traced).
+
+    `unit_mask` ((NFE × blocks) bool, from a block-output `MaskPlan`; used by
+    `exits.compose(deediff_plan, mask_plan)`) makes the batched runner reuse a block's cached
+    output where the mask is 0; blocks after the batch's exit keep their stale cache entries.
 
     `info` (None when the plan is traced) has `exits_predicted`; when True (t-only UEMs)
     `exits_per_nfe`, `blocks_per_nfe`, `flops_per_nfe` and `ideal_saving` are exact for the
@@ -221,6 +226,15 @@ class DeeDiffPlan:
     num = heads_lib.num_exits(model)
     full = heads_lib.backbone(model).full_flops
     exact_flops = full + num * (exit_head_flops(model) + uem_flops(model, self.uem))
+    if unit_mask is not None:
+      if self.mode != "batched" or self.mesh is not None:
+        raise ValueError("DeeDiff with a cache runs the batched runner on one device")
+      net = _batched_net(self, model, params, unit_mask)
+      bb = heads_lib.backbone(model)
+
+      def zeros(x_batch, y=None):
+        return bb_lib.zeros_cache(bb, params, jnp.shape(x_batch), y)
+      return plan_lib.BoundPlan(net, zeros, None)
     if self.mode == "exact":
       net = _exact_net(self, model, params, exact_flops)
     else:
@@ -271,8 +285,8 @@ def _exact_net(plan: DeeDiffPlan, model: Any, params: Any, flops: float):
   return net
 
 
-def _batched_net(plan: DeeDiffPlan, model: Any, params: Any):
-  """The while-loop runner (see the module docstring)."""
+def _batched_net(plan: DeeDiffPlan, model: Any, params: Any, unit_mask=None):
+  """The while-loop runner (see the module docstring), optionally with a block-output cache."""
   bb = heads_lib.backbone(model)
   if any(len(seg.pattern) != 1 for seg in bb.segments):
     raise ValueError("the DeeDiff runner needs one unit per block ('block' granularity)")
@@ -281,9 +295,12 @@ def _batched_net(plan: DeeDiffPlan, model: Any, params: Any):
   num = bb.num_units
   f_head, f_uem = exit_head_flops(model), uem_flops(model, plan.uem)
   unit_flops = np.asarray(bb.unit_flops, np.float32)
+  enter_flops = np.asarray(bb.enter_flops, np.float32)
+  cached = unit_mask is not None
+  m_j = jnp.asarray(unit_mask) if cached else None
 
   def net(x, t_net, y, nfe_index, cache):
-    del nfe_index
+    row = m_j[nfe_index] if cached else None
     theta = jnp.asarray(plan.threshold, jnp.float32)
     min_frac = jnp.asarray(plan.min_fraction, jnp.float32)
     f_units = jnp.asarray(unit_flops)
@@ -316,30 +333,41 @@ def _batched_net(plan: DeeDiffPlan, model: Any, params: Any):
     dec = (jnp.zeros(out_shape.shape, out_shape.dtype), jnp.zeros((bsz,), bool),
            jnp.full((bsz,), num, jnp.int32), jnp.float32(bb.embed_flops), jnp.float32(0))
     dec, done = exit_test(jnp.int32(0), st, dec)
-    carry = (jnp.int32(0), st, dec, done)
+    carry = (jnp.int32(0), st, dec, done, tuple(cache) if cached else ())
 
     for seg in bb.segments:
       if seg.groups == 0:
         continue
 
       def cond_fn(s, seg=seg):
-        j, (_, _, _, done) = s
+        j, (_, _, _, done, _) = s
         return jnp.logical_and(~done, j < seg.groups)
 
       def body_fn(s, seg=seg):
-        j, (k, st, dec, done) = s
+        j, (k, st, dec, done, c) = s
         ref = UnitRef(seg, j, 0)
-        st = bb.run_unit(params, ref, st)
+        if cached:  # compute or reuse (scalar predicate), refresh the cache where computed
+          st = bb.enter(params, ref, st)
+          value = jax.lax.cond(row[ref.index], lambda s_: bb.compute(params, ref, s_),
+                               lambda s_: bb_lib.cache_get(bb, c, ref), st)
+          c = bb_lib.cache_set(bb, c, ref, value)
+          st = bb.apply(params, ref, st, value)
+          f_unit = jnp.where(row[ref.index], f_units[ref.index],
+                             jnp.asarray(enter_flops)[ref.index])
+        else:
+          st = bb.run_unit(params, ref, st)
+          f_unit = f_units[ref.index]
         k = k + 1
         out, exited, exit_k, flops, heads = dec
-        dec = (out, exited, exit_k, flops + f_units[ref.index], heads)
+        dec = (out, exited, exit_k, flops + f_unit, heads)
         dec, done = jax.lax.cond(k < num, lambda d: exit_test(k, st, d),
                                  lambda d: (d, done), dec)
-        return j + 1, (k, st, dec, done)
+        return j + 1, (k, st, dec, done, c)
 
       carry = jax.lax.while_loop(cond_fn, body_fn, (jnp.int32(0), carry))[1]
 
-    k, st, (out, exited, exit_k, flops, heads), _ = carry
+    k, st, (out, exited, exit_k, flops, heads), _, new_cache = carry
+    cache = new_cache if cached else cache
     # Samples that never exited ran all L blocks and take the backbone's own head (which reads
     # only the stream: U-ViT's pending skips are discarded, §2.8).
     need_final = ~jnp.all(exited)

@@ -27,9 +27,15 @@ DEEDIFF_FILE = "deediff_heads.npz"
 
 
 def _param_path(path) -> str:
+  """The `/`-joined name of a pytree key path (as `jaxee.train.optim.param_path`)."""
   parts = []
   for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
   return "/".join(parts)
 
 

@@ -212,6 +212,46 @@ def _composed_reference(plan, model, params, nfe_times, bound):
   return plan_lib.BoundPlan(net, init_cache, bound.info)
 
 
+def _deediff_cached_reference(plan, model, params, nfe_times, bound):
+  """DeeDiff (min_fraction 1) + block-output cache, every unit and every exit computed.
+
+  Per sample the first exit k with u_k ≤ θ (else the backbone head); the batch's runner stops
+  after K = max_b k_b units, so only units < K refresh their cache entry.
+  """
+  from jaxee.exits import deediff as dd  # pylint: disable=g-import-not-at-top
+  from jaxee.exits import deediff_heads as heads_lib  # pylint: disable=g-import-not-at-top
+  exit_plan = plan.exit
+  bb = bb_lib.as_backbone(model, "block")
+  m = jnp.asarray(plan.cache.unit_mask(jnp))
+  head, probe = heads_lib.make_head(model), heads_lib.make_uem(model, exit_plan.uem)
+  hp, up = exit_plan.ee_params["heads"], exit_plan.ee_params["uems"]
+
+  def init_cache(x_batch, y=None):
+    shapes = bb_lib.value_shapes(bb, params, x_batch.shape, y)
+    return [jnp.zeros(s.shape[1:], s.dtype) for s in shapes for _ in range(s.shape[0])]
+
+  def net(x, t_net, y, nfe_index, cache):
+    row = m[nfe_index]
+    state = bb.embed(params, x, t_net, y)
+    t_emb = heads_lib.time_features(model, t_net)
+    outs, us, values = [], [], []
+    for ref in bb.refs():
+      i = ref.index
+      outs.append(head.apply({"params": bb_lib.take(hp, i)}, state["h"], bb.exit_context(state)))
+      us.append(probe.apply({"params": bb_lib.take(up, i)}, state["h"], t_emb))
+      value = jnp.where(row[i], bb.compute(params, ref, state), cache[i])
+      state = bb.apply(params, ref, state, value)
+      values.append(value)
+    final = bb.head(params, state)
+    k = dd.first_exit(jnp.stack(us), jnp.asarray(exit_plan.threshold, jnp.float32))
+    out = dd.select_exit(final, jnp.stack(outs), k)
+    ran = jnp.max(k)
+    new_cache = [jnp.where(i < ran, v, c) for i, (v, c) in enumerate(zip(values, cache))]
+    real = bound.net(x, t_net, y, nfe_index, bound.init_cache(x, y))[2]
+    return out, new_cache, real
+  return plan_lib.BoundPlan(net, init_cache, None)
+
+
 def _independent(model: Any) -> bool:
   """DiT and U-ViT have family-specific references that share no code with the contract."""
   return model.family in ("dit", "uvit")
@@ -240,6 +280,8 @@ class ReferencePlan:
     bound = plan.bind(model, params, nfe_times)  # same tables, same validation
     from jaxee.exits import composition as compose_lib  # pylint: disable=g-import-not-at-top
     if isinstance(plan, compose_lib.ComposedPlan):
+      if plan.exit is not None:
+        return _deediff_cached_reference(plan, model, params, nfe_times, bound)
       return _composed_reference(plan, model, params, nfe_times, bound)
 
     def stats(x, t_net, y, nfe_index, cache_like):

@@ -8,8 +8,9 @@ Modules (import them directly; nothing heavy is imported here):
   `jax.jit` with `NamedSharding` (`make_train_step`);
 * `checkpoint`: the Orbax `CheckpointManager` of a run (state, input position, host state);
 * `trainer`: the loop (`train(config, workdir)`), metrics, non-finite stop, export;
-* `config_base`: the shared config schema and `:arg` parser (documented in `jaxee/main.py`);
-* `objective`: the objective contract and a plain ε-MSE objective;
-* `methods`, `deediff_loss`, `masks_opt`: the ASE / DeeDiff / DuoDiff set-ups and the TABM
-  mask optimisation.
+* `config_base`: the shared config schema and `:arg` parser (documented in `jaxee/train/launch.py`);
+* `objectives/`: every objective behind one contract (`loss_fn(params, batch, rng, *,
+  train_state_extras) -> (loss, metrics)`): `diffusion` (the backbone's own loss, plain ε-MSE),
+  `ase`, `duodiff`, `deediff`, `masks` (+ `masks_teacher`, the TABM mask optimisation);
+* `methods`: the ASE / DeeDiff / DuoDiff set-ups (objective, frozen groups, extras, export).
 """

@@ -1,19 +1,19 @@
 """The training-config schema (the one source of defaults) and the `:arg` parser.
 
-`base_config()` returns the full schema documented in `jaxee/main.py` with its defaults, so an
-experiment file only sets what differs; the method sections `config.ase`, `config.deediff`,
+`base_config()` returns the full schema documented in `jaxee/train/launch.py` with its defaults,
+so an experiment file only sets what differs; the method sections `config.ase`, `config.deediff`,
 `config.duodiff` and `config.masks` come from `ase_section`, `deediff_section`,
 `duodiff_section` and `masks_section` (or `method_section(method, **values)`), which define
-every field that `jaxee.train.methods` and `jaxee.train.masks_opt` read, each with exactly one
-default (`schedule` and `threshold` have none: they are arguments). The training code reads
-these fields directly; `check_section` (called by `methods.validate`) turns a missing or
+every field that `jaxee.train.methods` and `jaxee.train.objectives.masks` read, each with
+exactly one default (`schedule` and `threshold` have none: they are arguments). The training
+code reads these fields directly; `check_section` (called by `methods.validate`) turns a missing or
 unknown field into a ValueError naming it. `parse_arg('runlocal,parallel=pmap',
 runlocal=False, parallel='shard_map')` reads the config-string argument (big_vision
 `configs/common.py` `parse_arg` style: types from the defaults, a bare key means True, unknown
 keys are errors). Shared helpers of the config files: `jaxee/configs_common.py`.
 
-This module imports no JAX (`masks_section` imports `jaxee.train.masks_opt` when called), so
-loading a config never initialises a backend (which must wait for
+This module imports no JAX (`masks_section` imports `jaxee.train.objectives.masks` when
+called), so loading a config never initialises a backend (which must wait for
 `jax.distributed.initialize()` in multi-host runs).
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> config_dict.ConfigDict:
 
 
 def base_config() -> config_dict.ConfigDict:
-  """Every shared field with its default (see `jaxee/main.py` for the meaning of each)."""
+  """Every shared field with its default (see `jaxee/train/launch.py` for the meaning of each)."""
   c = config_dict.ConfigDict()
   c.method = "baseline"
   c.model = config_dict.ConfigDict({"arch": "dit", "overrides": config_dict.ConfigDict()})
@@ -153,7 +153,7 @@ def _section(values: Dict[str, Any], overrides: Dict[str, Any], name: str):
 
 
 def ase_section(schedule: str, **overrides: Any) -> config_dict.ConfigDict:
-  """`config.ase` (§5.1; λ(t) fields are jaxee's reading of Alg. 1, see `jaxee/losses.py`)."""
+  """`config.ase` (§5.1; λ(t) fields are jaxee's reading of Alg. 1, see `objectives/ase.py`)."""
   return _section(dict(
       schedule=schedule,                     # table name, e.g. 'D3-DiT', 'D6-U-ViT'
       custom_schedule=config_dict.placeholder(tuple),  # 10 block counts instead of a name
@@ -195,10 +195,10 @@ def duodiff_section(t_switch: float = 300.0, **overrides: Any) -> config_dict.Co
 
 
 def masks_section(**overrides: Any) -> config_dict.ConfigDict:
-  """`config.masks` (TABM, §4.7, §5.5): the defaults are `jaxee.train.masks_opt.DEFAULTS`."""
-  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+  """`config.masks` (TABM, §4.7, §5.5): the defaults are `objectives.masks.DEFAULTS`."""
+  from jaxee.train.objectives import masks as masks_obj  # pylint: disable=g-import-not-at-top
   values = {}
-  for key, value in masks_opt.DEFAULTS.items():
+  for key, value in masks_obj.DEFAULTS.items():
     if key in ("schedule", "guidance", "seed"):   # optional (seed default: train.seed)
       values[key] = config_dict.placeholder({"schedule": str, "guidance": float,
                                              "seed": int}[key])

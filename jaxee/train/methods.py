@@ -1,9 +1,9 @@
 """Method dispatch for training: `build_method(config, model, params, rng) -> MethodSetup`.
 
 `jaxee.train.trainer` calls `build_method` for `config.method` in {'ase', 'deediff', 'duodiff'}
-('baseline' is the trainer's own; 'masks' is not gradient training: `jaxee.main` runs
-`jaxee.train.masks_opt.run`). Each setup wires one objective of `jaxee/losses.py` /
-`jaxee/train/deediff_loss.py` with its recipe (`research/ee_methods.md` §1.7, §2.4–2.5, §3.2):
+('baseline' is the trainer's own; 'masks' is not gradient training: `jaxee-train` runs
+`jaxee.train.objectives.masks.run`). Each setup wires one objective of
+`jaxee/train/objectives/` with its recipe (`research/ee_methods.md` §1.7, §2.4–2.5, §3.2):
 
 * 'ase' (`config.ase`): ASE fine-tuning of the whole backbone with per-sample truncation at the
   schedule depth, the hybrid loss with learned σ, λ(t) re-weighting (cycle of C steps or a
@@ -39,15 +39,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 from jaxee import atomic_io
+from jaxee.exits import io as plan_io
 from jaxee.models.backbone import as_backbone
 from jaxee.train import config_base
-from jaxee.train import optim
 
 METHODS = config_base.METHODS
 EXPORT_DIR = "export"
-ASE_PLAN_FILE = "ase_plan.json"
+ASE_PLAN_FILE = plan_io.ASE_PLAN_FILE
 DUODIFF_FILE = "duodiff.json"
-DEEDIFF_FILE = "deediff_heads.npz"
+DEEDIFF_FILE = plan_io.DEEDIFF_FILE
 
 
 def _field(config, path: str):
@@ -89,16 +89,16 @@ def _ase_schedule(a, model):
 
 
 def _validate_ase(config, model, p: list) -> None:
-  from jaxee import losses  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import ase as ase_obj  # pylint: disable=g-import-not-at-top
   a = config.ase
   if model is not None:
     try:
       _ase_schedule(a, model).validate(model)
     except ValueError as e:
       p.append(f"config.ase: {e}")
-  if a.lambda_mode not in losses.LAMBDA_MODES:
+  if a.lambda_mode not in ase_obj.LAMBDA_MODES:
     p.append(f"config.ase.lambda_mode {a.lambda_mode!r} unknown; choose from "
-             f"{losses.LAMBDA_MODES}")
+             f"{ase_obj.LAMBDA_MODES}")
   if float(a.lambda_boost) < 1.0:
     p.append(f"config.ase.lambda_boost must be >= 1 (λ on dropped intervals), got "
              f"{a.lambda_boost}")
@@ -113,14 +113,14 @@ def _validate_ase(config, model, p: list) -> None:
 
 def _validate_deediff(config, model, p: list) -> None:
   from jaxee.exits import deediff_heads  # pylint: disable=g-import-not-at-top
-  from jaxee.train import deediff_loss  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import deediff as deediff_obj  # pylint: disable=g-import-not-at-top
   d = config.deediff
   theta = float(d.threshold)
   if not 0.0 <= theta <= 1.0:
     p.append(f"config.deediff.threshold θ must be in [0, 1], got {theta}")
-  if d.variant not in deediff_loss.VARIANTS:
+  if d.variant not in deediff_obj.VARIANTS:
     p.append(f"config.deediff.variant {d.variant!r} unknown; choose from "
-             f"{deediff_loss.VARIANTS}")
+             f"{deediff_obj.VARIANTS}")
   if d.uem not in deediff_heads.UEM_KINDS:
     p.append(f"config.deediff.uem {d.uem!r} unknown; choose from {deediff_heads.UEM_KINDS}")
   for name in ("lam", "beta"):
@@ -129,7 +129,7 @@ def _validate_deediff(config, model, p: list) -> None:
 
 
 def _validate_duodiff(config, model, p: list) -> None:
-  from jaxee import losses  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import duodiff as duodiff_obj  # pylint: disable=g-import-not-at-top
   d = config.duodiff
   t_s = float(d.t_switch)
   if not 0 <= t_s <= 1000:
@@ -141,21 +141,21 @@ def _validate_duodiff(config, model, p: list) -> None:
     p.append(f"config.duodiff.init {d.init!r} unknown; choose 'deep' or 'scratch'")
   if model is not None:
     try:
-      losses.shallow_depth(model, int(d.shallow_layers))
+      duodiff_obj.shallow_depth(model, int(d.shallow_layers))
     except ValueError as e:
       p.append(f"config.duodiff.shallow_layers: {e}")
 
 
 def _validate_masks(config, model, p: list) -> None:
   del model
-  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import masks as masks_obj  # pylint: disable=g-import-not-at-top
   m = config.get("masks")
   if m is None:
     p.append("method 'masks' needs a config.masks section "
              "(jaxee.train.config_base.masks_section)")
     return
   try:
-    masks_opt.options_from_config(m)   # fields over `masks_opt.DEFAULTS` (= masks_section)
+    masks_obj.options_from_config(m)   # fields over `masks_obj.DEFAULTS` (= masks_section)
   except ValueError as e:
     p.append(str(e))
 
@@ -169,10 +169,10 @@ def validate(config) -> None:
 
   Checks: a known method and model (arch and overrides); the method section against the
   schema (`config_base.check_section`: no field missing, none unknown; 'masks' through
-  `masks_opt.options_from_config`); and per method: ASE schedule name,
+  `objectives.masks.options_from_config`); and per method: ASE schedule name,
   depth (deeper than the model → error, unless `scale_to_model`), λ mode; DeeDiff θ ∈ [0, 1],
   variant, UEM; DuoDiff t_s ∈ [0, 1000], shallow layer count, init; masks options
-  (`masks_opt.validate_options`). Also the shared optimizer / EMA values.
+  (`objectives.masks.validate_options`). Also the shared optimizer / EMA values.
   """
   problems: list = []
   method = _field(config, "method")
@@ -245,12 +245,12 @@ def _loss_section(config):
 
 def _build_ase(config, model, params, rng) -> MethodSetup:
   del rng
-  from jaxee import losses  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import ase as ase_obj  # pylint: disable=g-import-not-at-top
   a = config.ase
   plan = _ase_schedule(a, model)
   schedule, label_dropout = _loss_section(config)
   mode = a.lambda_mode
-  loss_fn = losses.make_ase_loss(
+  loss_fn = ase_obj.make_ase_loss(
       model, plan, boost=float(a.lambda_boost), lambda_mode=mode,
       cycle_length=int(a.cycle_length), cycle_repeat=bool(a.cycle_repeat), schedule=schedule,
       label_dropout=label_dropout)
@@ -266,12 +266,12 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
     patience = int(a.plateau_patience)
     rel_tol = float(a.plateau_rel_tol)
     setup.extras = {"ase_boost": np.float32(1.0)}
-    setup.host = {"ase_plateau": losses.plateau_init()}
+    setup.host = {"ase_plateau": ase_obj.plateau_init()}
 
     def on_log(step, metrics):
       del step
       old = setup.host["ase_plateau"]
-      new = losses.plateau_update(old, metrics["loss"], window=window, patience=patience,
+      new = ase_obj.plateau_update(old, metrics["loss"], window=window, patience=patience,
                                   rel_tol=rel_tol)
       setup.host = {"ase_plateau": new}
       if new["boost"] != old["boost"]:
@@ -281,11 +281,7 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
 
   def exporter(workdir, weights):
     _export_weights(workdir, model, weights, f"jaxee ASE fine-tuning ({plan.name}, EMA)")
-    path = pathlib.Path(workdir) / ASE_PLAN_FILE
-    spec = {"name": plan.name, "schedule": list(plan.table), "family": model.family,
-            "time_schedule": plan.time_schedule, "speedup": plan.speedup}
-    atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
-    return str(path)
+    return plan_io.save_ase_plan(pathlib.Path(workdir) / ASE_PLAN_FILE, plan, model.family)
   setup.exporter = exporter
   return setup
 
@@ -293,37 +289,29 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
 def load_ase_export(workdir):
   """(model, params, ASEPlan) from an ASE training workdir's export."""
   from jaxee import convert  # pylint: disable=g-import-not-at-top
-  from jaxee.exits import ase as ase_lib  # pylint: disable=g-import-not-at-top
-  spec = json.loads((pathlib.Path(workdir) / ASE_PLAN_FILE).read_text())
+  plan = plan_io.load_ase_plan(pathlib.Path(workdir) / ASE_PLAN_FILE)
   model, params = convert.load_converted(pathlib.Path(workdir) / EXPORT_DIR)
-  plan = ase_lib.ASEPlan(tuple(spec["schedule"]), name=spec["name"], family=spec["family"],
-                         time_schedule=spec.get("time_schedule"), speedup=spec.get("speedup"))
   return model, params, plan
 
 
 def _build_deediff(config, model, params, rng) -> MethodSetup:
-  from jaxee.train import deediff_loss  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import deediff as deediff_obj  # pylint: disable=g-import-not-at-top
   d = config.deediff
   uem = d.uem
   freeze = bool(d.freeze_backbone)
   schedule, label_dropout = _loss_section(config)
-  train_params = deediff_loss.init_deediff_train_params(
+  train_params = deediff_obj.init_deediff_train_params(
       model, params, rng, uem=uem, heads_from_backbone=bool(d.heads_from_backbone))
-  loss_fn = deediff_loss.make_deediff_loss(
+  loss_fn = deediff_obj.make_deediff_loss(
       model, schedule, lam=float(d.lam), beta=float(d.beta), variant=d.variant,
       train_backbone=not freeze, uem=uem, unweighted_head_loss=bool(d.unweighted_head_loss),
       label_dropout=label_dropout)
   threshold = float(d.threshold)
 
   def exporter(workdir, weights):
-    import jax  # pylint: disable=g-import-not-at-top
     _export_weights(workdir, model, weights["backbone"], "jaxee DeeDiff backbone")
-    flat = {optim.param_path(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(weights["deediff"])[0]}
-    meta = json.dumps({"threshold": threshold, "uem": uem})
-    path = pathlib.Path(workdir) / DEEDIFF_FILE
-    atomic_io.atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta), **flat))
-    return str(path)
+    return plan_io.save_deediff_heads(pathlib.Path(workdir) / DEEDIFF_FILE, weights["deediff"],
+                                      threshold=threshold, uem=uem)
 
   return MethodSetup("deediff", model, train_params, loss_fn,
                      ("backbone/.*",) if freeze else (), exporter=exporter)
@@ -338,48 +326,27 @@ def load_deediff_export(workdir):
 
 
 def load_deediff_heads(path) -> Tuple[Dict[str, Any], dict]:
-  """(ee_params, meta) from a DeeDiff workdir or its `deediff_heads.npz` (no pickles read).
-
-  `meta` holds the trained θ (`threshold`) and the UEM kind (`uem`).
-  """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    path = path / DEEDIFF_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"no DeeDiff heads file at {path} (written by method 'deediff')")
-  with np.load(path, allow_pickle=False) as data:
-    if "__meta__" not in data.files:
-      raise ValueError(f"{path} is not a DeeDiff heads file (no __meta__ entry)")
-    meta = json.loads(str(data["__meta__"]))
-    ee: Dict[str, Any] = {}
-    for key in data.files:
-      if key == "__meta__":
-        continue
-      node = ee
-      *parents, leaf = key.split("/")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = data[key]
-  return ee, meta
+  """(ee_params, meta) from a DeeDiff workdir or its heads file (`jaxee.exits.io`)."""
+  return plan_io.load_deediff_heads(path)
 
 
 def _build_duodiff(config, model, params, rng) -> MethodSetup:
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxee import losses  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import duodiff as duodiff_obj  # pylint: disable=g-import-not-at-top
   from jaxee import models  # pylint: disable=g-import-not-at-top
   from jaxee.convert import backbone_rules  # pylint: disable=g-import-not-at-top
   d = config.duodiff
   overrides = dict(config.model.overrides or {})
-  overrides["depth"] = losses.shallow_depth(model, int(d.shallow_layers))
+  overrides["depth"] = duodiff_obj.shallow_depth(model, int(d.shallow_layers))
   shallow = models.create(config.model.arch, **overrides)
   if d.init == "deep":
-    shallow_params = losses.init_shallow_from_deep(params, model, shallow)
+    shallow_params = duodiff_obj.init_shallow_from_deep(params, model, shallow)
   else:
     inputs = backbone_rules.example_inputs(shallow)
     shallow_params = jax.tree.map(np.asarray, jax.device_get(
         jax.jit(lambda k: shallow.init(k, *inputs)["params"])(rng)))
   schedule, label_dropout = _loss_section(config)
-  loss_fn = losses.make_duodiff_loss(shallow, schedule=schedule, label_dropout=label_dropout)
+  loss_fn = duodiff_obj.make_duodiff_loss(shallow, schedule=schedule, label_dropout=label_dropout)
   t_switch, rule = float(d.t_switch), d.rule
 
   def exporter(workdir, weights):
@@ -410,7 +377,7 @@ def build_method(config, model, params, rng) -> MethodSetup:
   """The `MethodSetup` of `config.method` (validated first).
 
   Args:
-    config: the experiment config (`jaxee/main.py` schema plus the method section).
+    config: the experiment config (`jaxee/train/launch.py` schema plus the method section).
     model: the backbone of `config.model` (DuoDiff: the deep model).
     params: its initial params (converted checkpoint or random init).
     rng: key for new parameters (DeeDiff heads, a from-scratch shallow DuoDiff model).
@@ -422,11 +389,12 @@ def build_method(config, model, params, rng) -> MethodSetup:
   method = config.method
   if method == "masks":
     raise ValueError("method 'masks' optimises masks along the teacher trajectory, not by "
-                     "gradient training: run it through jaxee.main (masks_opt.run)")
+                     "gradient training: run it through jaxee-train (objectives.masks.run)")
   if method == "baseline":
-    from jaxee import losses  # pylint: disable=g-import-not-at-top
+    from jaxee.train.objectives import (  # pylint: disable=g-import-not-at-top
+        diffusion as diffusion_obj)
     schedule, label_dropout = _loss_section(config)
     return MethodSetup("baseline", model, params,
-                       losses.make_diffusion_loss(model, schedule=schedule,
-                                                  label_dropout=label_dropout))
+                       diffusion_obj.make_diffusion_loss(model, schedule=schedule,
+                                                         label_dropout=label_dropout))
   return _BUILDERS[method](config, model, params, rng)

@@ -1,10 +1,11 @@
 """The training loop: build state, resume, step over the input, log, checkpoint, export.
 
-`train(config, workdir)` runs one experiment (config schema: `jaxee/main.py`):
+`train(config, workdir)` runs one experiment (config schema: `jaxee/train/launch.py`):
 
 1. builds the backbone (`config.model`), its initial params (`config.init` or random) and the
-   method's setup: `'baseline'` is the backbone's own loss (`losses.make_diffusion_loss`:
-   DiT's hybrid ε-MSE + VLB with learned σ, U-ViT's ε-MSE), any other method comes from
+   method's setup: `'baseline'` is the backbone's own loss (`objectives.diffusion.
+   make_diffusion_loss`: DiT's hybrid ε-MSE + VLB with learned σ, U-ViT's ε-MSE), any other
+   method comes from
    `jaxee.train.methods.build_method(config, model, params, rng)`;
 2. builds the optimizer (`optim.make_optimizer`, frozen groups from the method and
    `config.optim.frozen_patterns`), the data loader (`jaxee.data`, this process's rows of
@@ -18,7 +19,7 @@
    the sticky `healthy` flag of the state (`jaxee.train.step`): a non-finite loss or gradient
    raises `NonFiniteLossError` naming the step, and nothing from the bad step on is saved;
 5. exports the EMA weights (process 0): the baseline as a converted checkpoint in
-   `WORKDIR/export` (loadable by `jaxee.sample_main --config.ckpt=WORKDIR/export`), a method
+   `WORKDIR/export` (loadable by `jaxee-sample --config.ckpt=WORKDIR/export`), a method
    through its own `export(workdir, params)`.
 
 A method setup (`methods.MethodSetup`) must have `params`, `loss_fn`, `frozen_patterns` and
@@ -219,12 +220,13 @@ class BaselineSetup:
   """Method 'baseline': the backbone's own training loss on all its params."""
 
   def __init__(self, config, model, params):
-    from jaxee import losses  # pylint: disable=g-import-not-at-top
+    from jaxee.train.objectives import (  # pylint: disable=g-import-not-at-top
+        diffusion as diffusion_obj)
     loss_cfg = _cfg(config, "loss", None)
     self.model = model
     self.params = params
     self.frozen_patterns = ()
-    self.loss_fn = losses.make_diffusion_loss(
+    self.loss_fn = diffusion_obj.make_diffusion_loss(
         model, schedule=_cfg(loss_cfg, "schedule", None),
         label_dropout=_cfg(loss_cfg, "label_dropout", None))
 
@@ -331,7 +333,7 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   """Runs (or resumes) training; returns a summary dict (final step, last metrics, timings).
 
   Args:
-    config: the experiment ConfigDict (schema in `jaxee/main.py`).
+    config: the experiment ConfigDict (schema in `jaxee/train/launch.py`).
     workdir: output directory (checkpoints, metrics, TensorBoard, export); shared by all
       processes of a multi-host run.
     model, params: optionally the backbone and its initial params (else built from config).

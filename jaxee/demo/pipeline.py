@@ -6,16 +6,16 @@ On the scikit-learn digits that ship inside scikit-learn's wheel (a TFDS dataset
 no download, `jaxee.data`), the demo
 
 1. trains a small digits classifier, the quality metric (`jaxee.eval.classifier_metric`);
-2. for a small class-conditional DiT and a small U-ViT (`jaxee.demo_setup`): trains the backbone,
+2. for a small class-conditional DiT and a small U-ViT (`jaxee.demo.setup`): trains the backbone,
    then applies each method through the library's training entry points
-   (`jaxee.demo_methods`): ASE fine-tuning with a dropping schedule, DeeDiff exit heads/UEMs on
+   (`jaxee.demo.methods`): ASE fine-tuning with a dropping schedule, DeeDiff exit heads/UEMs on
    the frozen backbone, a DuoDiff shallow backbone and a TABM learned block mask;
 3. samples every variant from the same noise with DDIM + CFG, scores the samples, collects the
    per-step exit statistics and times all variants alternately on the wall clock
-   (`jaxee.demo_eval`);
+   (`jaxee.demo.evaluate`);
 4. writes `OUT/report.md` and `OUT/report.json` (quality vs realized speed-up per method next to
    the full model), sample grids and exit-depth / FLOPs / quality-vs-speed / mask plots
-   (`jaxee.demo_report`, `jaxee.eval.report`). Each stage's training run (config, metrics,
+   (`jaxee.demo.report`, `jaxee.eval.report`). Each stage's training run (config, metrics,
    checkpoint, export) stays in `OUT/<arch>/<stage>/`.
 
 Deterministic for a seed (training, calibration, samples and every quality number; wall-clock
@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 
-from jaxee import demo_setup
+from jaxee.demo import setup as demo_setup
 
 MARKER = ".jaxee_demo"
 
@@ -50,7 +50,7 @@ def machine_info() -> dict:
 
 def fit_metric(scale, seed: int, log=_log):
   """The classifier metric (trained on the train split) and the real test-split reference."""
-  from jaxee import demo_eval  # pylint: disable=g-import-not-at-top
+  from jaxee.demo import evaluate as demo_eval  # pylint: disable=g-import-not-at-top
   from jaxee.eval import classifier_metric  # pylint: disable=g-import-not-at-top
   train_x, train_y = demo_setup.load_digits("train")
   test_x, test_y = demo_setup.load_digits("test")
@@ -75,9 +75,9 @@ def run(out: pathlib.Path, seed: int = 0, scale="default", log=_log) -> dict:
     scale: a `demo_setup.SCALES` name or a `demo_setup.DemoScale`.
     log: progress printer.
   """
-  from jaxee import demo_eval  # pylint: disable=g-import-not-at-top
-  from jaxee import demo_methods  # pylint: disable=g-import-not-at-top
-  from jaxee import demo_report  # pylint: disable=g-import-not-at-top
+  from jaxee.demo import evaluate as demo_eval  # pylint: disable=g-import-not-at-top
+  from jaxee.demo import methods as demo_methods  # pylint: disable=g-import-not-at-top
+  from jaxee.demo import report as demo_report  # pylint: disable=g-import-not-at-top
   if isinstance(scale, str):
     if scale not in demo_setup.SCALES:
       raise ValueError(f"unknown demo scale {scale!r}; choose from {sorted(demo_setup.SCALES)}")
@@ -139,6 +139,3 @@ def main(argv=None) -> int:
   print(json.dumps(summary, indent=1))
   return 0
 
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Shard storage for long sample runs: atomic files, byte-stable `.npz`, out_dir ownership.
 
-Used by `jaxee.sample_main`. Every file is written to a temp file beside its target, fsynced and
+Used by `jaxee.sharded.run`. Every file is written to a temp file beside its target, fsynced and
 `os.replace`d over it (a kill leaves either the old file, the new one or a stray temp file that
 the next run removes); `.npz` members are stored uncompressed with fixed zip timestamps, so the
 same arrays always give the same bytes and an interrupted run can be compared byte for byte with

@@ -1,51 +1,30 @@
-r"""Sampling from the command line: `python -m jaxee.sample --config=configs/sample_dit.py[:arg]`.
+r"""`jaxee-sample`: sampling from the command line (`python -m jaxee.cli.sample` is the same).
 
-    python -m jaxee.sample --config=configs/sample_dit.py:runlocal
-    python -m jaxee.sample --config=configs/sample_dit.py --config.ckpt=ckpt/dit_xl_2_256 \
+    jaxee-sample --config=configs/sample_dit.py:runlocal
+    jaxee-sample --config=configs/sample_dit.py --config.ckpt=ckpt/dit_xl_2_256 \
         --config.vae_ckpt=ckpt/sd_vae_ft_ema --config.out_dir=runs/dit_xl_2_fid50k
-    python -m jaxee.sample --config=configs/sample_uvit.py:runlocal --config.sampler=euler_ode \
+    jaxee-sample --config=configs/sample_uvit.py:runlocal --config.sampler=euler_ode \
         --config.steps=25 --config.seed=3
 
 Every field of the config can be overridden as `--config.FIELD=VALUE` (ml_collections
 `config_flags`; the config is locked, so a misspelt field is an error). The run writes resumable
-shards, a PNG grid and the throughput to `config.out_dir` (see `jaxee.sample_main`), shows a
+shards, a PNG grid and the throughput to `config.out_dir` (see `jaxee.sharded.run`), shows a
 progress bar and prints the throughput record as JSON; bad input exits with status 2 and a
-one-line message. Re-running the same command resumes an interrupted run.
-
-`jaxee.sample` is also the name of the public function `jaxee.sampling.sample` (exported by
-`jaxee/__init__.py`). Importing this module makes Python bind `jaxee.sample` to the module, so
-the module is made callable: `jaxee.sample(model, params, rng, ...)` forwards to
-`jaxee.sampling.sample` whichever of the two the name currently refers to, and
-`inspect.signature(jaxee.sample)` shows the function's signature. To reach the module itself use
-`import jaxee.sample` or `importlib.import_module('jaxee.sample')`: `from jaxee import sample`
-returns whatever the name holds (the function until the module has been imported).
+one-line message. Re-running the same command resumes an interrupted run. From Python:
+`jaxee.sharded.run.run_sampling(config)`; one batch in memory: `jaxee.sample(...)`.
 """
 from __future__ import annotations
 
 import json
 import sys
-import types
 
-from jaxee import sampling as _sampling
-
-
-class _CallableModule(types.ModuleType):
-  """`jaxee.sample` as a module that is also the `jaxee.sampling.sample` function."""
-
-  def __call__(self, *args, **kwargs):
-    return _sampling.sample(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-sample = _sampling.sample
-__wrapped__ = _sampling.sample  # `inspect.signature` / `inspect.unwrap` follow it.
+from jaxee import cli
 
 CONFIG_HELP = "Sampling config file, e.g. configs/sample_dit.py[:runlocal]."
-HELP_FLAGS = frozenset({"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"})
 
 
 def main(argv, config=None) -> int:
-  """Runs `jaxee.sample_main.run_sampling` on the `--config` flag's config (or `config`).
+  """Runs `jaxee.sharded.run.run_sampling` on the `--config` flag's config (or `config`).
 
   Args:
     argv: the arguments left after flag parsing (must be just the program name).
@@ -56,7 +35,7 @@ def main(argv, config=None) -> int:
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from jaxee import sample_main  # pylint: disable=g-import-not-at-top
+  from jaxee.sharded import run as run_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if config is None and "config" in flags.FLAGS:
@@ -64,7 +43,7 @@ def main(argv, config=None) -> int:
   if config is None:
     raise app.UsageError("--config=configs/sample_dit.py[:arg] is required")
   try:
-    result = sample_main.run_sampling(config)
+    result = run_lib.run_sampling(config)
   except (ValueError, FileNotFoundError) as e:  # bad config, checkpoint, plan or out_dir
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -77,11 +56,12 @@ def main(argv, config=None) -> int:
   return 0
 
 
-def run_cli() -> None:
-  """Defines the `--config` flag and runs `main` under `absl.app`."""
+def run() -> None:
+  """The `jaxee-sample` entry point: defines `--config`, runs `main` under `absl.app`, exits."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  cli.show_doc_in_absl_help(__doc__)
   if "config" not in flags.FLAGS:
     config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
   started = []
@@ -93,7 +73,7 @@ def run_cli() -> None:
   try:
     app.run(run_main)
   except SystemExit as e:
-    if e.code == 1 and HELP_FLAGS & set(sys.argv[1:]):  # absl exits 1 after printing help
+    if e.code == 1 and cli.HELP_FLAGS & set(sys.argv[1:]):  # absl exits 1 after printing help
       sys.exit(0)
     raise
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field
@@ -105,4 +85,4 @@ def run_cli() -> None:
 
 
 if __name__ == "__main__":
-  run_cli()
+  run()

@@ -1,5 +1,5 @@
 """TABM building blocks: the block-masked forward with a block-output cache, random masks, and
-the teacher's sampling trajectory (`jaxee/train/masks_opt.py` has the optimisation).
+the teacher's sampling trajectory (`jaxee/train/objectives/masks.py` has the optimisation).
 
 Everything is written once against the backbone contract (`jaxee/models/backbone.py`) at
 `'block'` granularity; no family branches.

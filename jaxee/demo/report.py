@@ -3,12 +3,12 @@
 Every number in the report is computed by the run that writes it (`jaxee.demo`): quality from
 `jaxee.eval.classifier_metric`, exit statistics from the samplers' own per-NFE stats
 (`jaxee.eval.report.exit_summary`), speed from the alternating wall-clock timing of
-`jaxee.demo_eval`. `effects(report)` reduces a report to the directions of its claims (is each
+`jaxee.demo.evaluate`. `effects(report)` reduces a report to the directions of its claims (is each
 method faster than the full model by a sign test over paired timing rounds, is its Fréchet
 distance higher or lower than the full model's beyond the paired-bootstrap noise, does ASE's
 fine-tuning beat the same schedule without it, ...), which is what is compared between seeds:
 
-    python -m jaxee.demo_report runs/demo/report.json runs/demo_s1/report.json
+    python -m jaxee.demo.report runs/demo/report.json runs/demo_s1/report.json
 """
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ def markdown(report: dict) -> str:
             f"Speed: a sign test over the paired alternating rounds (faster/slower in at least "
             f"{SIGN_TEST_FRACTION:.0%} of them, else no clear difference). FD: the difference "
             f"to the full model beyond ±{NOISE_SIGMAS:g} paired-bootstrap standard deviations, "
-            f"else within noise. Compare two runs with `python -m jaxee.demo_report "
+            f"else within noise. Compare two runs with `python -m jaxee.demo.report "
             f"A/report.json B/report.json`.", ""]
   for arch, claims in report["effects"].items():
     for claim, direction in claims.items():
@@ -295,14 +295,14 @@ def arch_record(arch: str, result: Any, evaluated: dict, scale: Any) -> dict:
 
 
 def main(argv=None) -> int:
-  """`python -m jaxee.demo_report A/report.json B/report.json`: claim agreement of two runs.
+  """`python -m jaxee.demo.report A/report.json B/report.json`: claim agreement of two runs.
 
   Exit status 1 when a decided claim of one run is contradicted by the other.
   """
   import json  # pylint: disable=g-import-not-at-top
   args = sys.argv[1:] if argv is None else argv
   if len(args) != 2:
-    print("usage: python -m jaxee.demo_report FIRST/report.json SECOND/report.json",
+    print("usage: python -m jaxee.demo.report FIRST/report.json SECOND/report.json",
           file=sys.stderr)
     return 2
   reports = [json.loads(pathlib.Path(p).read_text()) for p in args]

@@ -4,13 +4,14 @@ The demo reproduces every method of jaxee at a scale that fits a laptop CPU: two
 (a DiT and a U-ViT, 8x8 single-channel, class-conditional) trained on the bundled scikit-learn
 digits (`jaxee.data.get_source('digits')`), then each method applied through the library's own
 training entry points (`jaxee.train.trainer.train` with a `config.method` of 'baseline', 'ase',
-'deediff', 'duodiff', and `jaxee.train.masks_opt` for the block masks). This module holds:
+'deediff', 'duodiff', and `jaxee.train.objectives.masks` for the block masks). This module holds:
 
 * `DemoScale`: every size, step count and method constant of one demo scale. `SCALES['default']`
   is what `make demo` runs; `SCALES['micro']` is a seconds-long variant for the smoke test.
 * `stage_config(...)`: the `ml_collections` training config of one stage, in the schema of
-  `jaxee/main.py` (`jaxee/train/config_base.py`), with the method sections named as in
-  `configs/common.py`, so a stage is exactly what `python -m jaxee.main --config=...` would run.
+  `jaxee/train/config_base.py` (documented in `jaxee/train/launch.py`), with the method sections
+  named as in `jaxee/configs_common.py`, so a stage is exactly what `jaxee-train --config=...`
+  would run.
 * `load_digits(split, size)`: the digits as arrays in model space ([-1, 1], NHWC).
 
 Method constants at demo scale and how they map to the papers (`research/ee_methods.md` §5):
@@ -135,7 +136,7 @@ def create_model(arch: str, scale: DemoScale):
 def stage_config(method: str, arch: str, scale: DemoScale, seed: int, *, num_steps: int,
                  lr: float, section: Optional[dict] = None,
                  batch_size: Optional[int] = None) -> config_dict.ConfigDict:
-  """The training config of one demo stage (`jaxee/main.py` schema).
+  """The training config of one demo stage (`jaxee/train/config_base.py` schema).
 
   Args:
     method: 'baseline', 'ase', 'deediff', 'duodiff' or 'masks'.

@@ -3,8 +3,8 @@
 Each stage is a real run of the library's entry points in its own work directory under
 `OUT/<arch>/<stage>/` — `jaxee.train.trainer.train(config, workdir)` for gradient training (so
 the stage leaves `config.json`, `metrics.jsonl`, a checkpoint and the method's export, exactly as
-`python -m jaxee.main` would) and `jaxee.train.masks_opt.run` for the mask optimisation — and the
-sampling variants are rebuilt from those exports with the loaders of `jaxee.train.methods`:
+`jaxee-train` would) and `jaxee.train.objectives.masks.run` for the mask optimisation —
+and the sampling variants are rebuilt from those exports with the loaders of `jaxee.train.methods`:
 
 * 'full': the trained backbone (EMA), no plan;
 * 'ase': the ASE fine-tuned backbone with its schedule (`ASEPlan`);
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxee import convert
-from jaxee import demo_setup
+from jaxee.demo import setup as demo_setup
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.eval import flops as flops_lib
 from jaxee.exits import deediff as deediff_lib
@@ -161,10 +161,10 @@ def train_duodiff(arch, scale, seed, root, model, params, log: Log):
 
 def optimise_masks(arch, scale, seed, root, model, params, log: Log):
   """Stage 'masks': TABM mask optimisation along the teacher's DDIM trajectory."""
-  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
+  from jaxee.train.objectives import masks as masks_obj  # pylint: disable=g-import-not-at-top
   config = demo_setup.stage_config("masks", arch, scale, seed, num_steps=1, lr=1.0,
                                    section=demo_setup.masks_section(arch, scale, seed))
-  path = masks_opt.run(config, str(root / "masks"), model, params)
+  path = masks_obj.run(config, str(root / "masks"), model, params)
   plan = masks_lib.load_mask_plan(path)
   log(f"[{arch}] masks: kept {plan.metadata['kept_fraction']:.3f} of block evaluations "
       f"({plan.metadata['kept_fraction_raw']:.3f} before rectification)")
@@ -174,13 +174,13 @@ def optimise_masks(arch, scale, seed, root, model, params, log: Log):
 def teacher_trajectory(arch: str, model, params, scale, seed: int, num: int):
   """The full network's own DDIM(+CFG) sampling run, every NFE input recorded (no data).
 
-  `jaxee.train.masks_teacher.record_teacher` with the demo's sampler settings (`num` samples;
-  the network sees 2·num rows under CFG, as the DeeDiff runner will).
+  `jaxee.train.objectives.masks_teacher.record_teacher` with the demo's sampler settings (`num`
+  samples; the network sees 2·num rows under CFG, as the DeeDiff runner will).
   """
-  from jaxee.train import masks_opt  # pylint: disable=g-import-not-at-top
-  opts = masks_opt.options_from_config(
+  from jaxee.train.objectives import masks as masks_obj  # pylint: disable=g-import-not-at-top
+  opts = masks_obj.options_from_config(
       dict(demo_setup.masks_section(arch, scale, seed), num_samples=int(num)))
-  return masks_opt.record_teacher(model, params, opts, jax.random.PRNGKey(seed + 17))
+  return masks_obj.record_teacher(model, params, opts, jax.random.PRNGKey(seed + 17))
 
 
 def exit_uncertainties(model, params, ee, uem: str, traj) -> np.ndarray:
@@ -250,7 +250,7 @@ def measured_exit_ratio(model, params, ee, uem: str, threshold: float, scale, se
   that is *not* the evaluation noise (`seed + 29` vs `seed + 1000`) and reads the runner's own
   per-NFE `blocks` statistics.
   """
-  from jaxee import demo_eval  # pylint: disable=g-import-not-at-top
+  from jaxee.demo import evaluate as demo_eval  # pylint: disable=g-import-not-at-top
   plan = deediff_lib.DeeDiffPlan(ee, threshold=threshold, mode="batched",
                                  min_fraction=scale.deediff_min_fraction, uem=uem)
   x_T, labels = demo_eval.eval_inputs(model, scale.deediff_calib_samples, seed + 29)

@@ -1,6 +1,6 @@
 """The demo's measurements: samples, quality, exit statistics and wall-clock speed-ups.
 
-For one backbone and its variants (`jaxee.demo_methods.Variant`):
+For one backbone and its variants (`jaxee.demo.methods.Variant`):
 
 1. **Samples.** Every variant samples the same `num_eval` class-conditional digits (labels
    0..9 in turn) from the same start noise x_T with DDIM (η = 0, deterministic), so differences
@@ -77,7 +77,7 @@ def alternating_timing(calls: dict, rounds: int) -> dict:
 
 
 def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) -> dict:
-  """Samples, scores and times every variant of one `demo_methods.ArchResult`.
+  """Samples, scores and times every variant of one `methods.ArchResult`.
 
   Returns:
     {'variants': {name: record}, 'samples': {name: (N, H, W, C) array}, 'labels': array,

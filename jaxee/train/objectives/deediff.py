@@ -18,9 +18,10 @@ e_i = g_i(L_i) − ε on the ε channels (a learned-σ DiT head's σ channels ar
   L_UAL = Σ_i mean_b (1 − û_i)·mse_i (weighted by the pseudo-target û, gradients through û);
   optional `unweighted_head_loss` adds L_L = Σ_i mean_b mse_i (`--use_unweighted_loss`).
 
-L_simple is the backbone's own loss on its final output (`losses.make_diffusion_loss`: DiT's hybrid
-ε-MSE + VLB with learned σ, U-ViT's ε-MSE), with the same label dropout and the same draws of t
-and noise from the same key, so with the heads removed it equals `make_diffusion_loss` exactly.
+L_simple is the backbone's own loss on its final output (`diffusion.make_diffusion_loss`: DiT's
+hybrid ε-MSE + VLB with learned σ, U-ViT's ε-MSE), with the same label dropout and the same draws
+of t and noise from the same key, so with the heads removed it equals `make_diffusion_loss`
+exactly.
 
 Params are `{'backbone': backbone params, 'deediff': {'heads': ..., 'uems': ...}}`
 (`init_deediff_train_params`). `train_backbone=False` (the public recipe `--freeze_backbone`) puts
@@ -35,11 +36,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxee import losses
 from jaxee.diffusion import gaussian
 from jaxee.diffusion import schedules as schedules_lib
 from jaxee.exits import deediff as deediff_lib
 from jaxee.exits import deediff_heads as heads_lib
+from jaxee.train.objectives import diffusion as diffusion_obj
 
 VARIANTS = ("paper", "public")
 
@@ -53,7 +54,7 @@ def init_deediff_train_params(model: Any, backbone_params: Any, rng, *, uem: str
 
 
 def draw_noisy_inputs(schedule: Any, x0, rng) -> dict:
-  """t, noise and x_t as `losses.make_diffusion_loss` draws them from the same key.
+  """t, noise and x_t as `diffusion.make_diffusion_loss` draws them from the same key.
 
   Returns:
     dict with `t` (the schedule's own index or time, what its loss function takes), `t_net`
@@ -128,7 +129,7 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
 
   Args:
     model: the backbone (any implementation of the contract: DiT, U-ViT, ...).
-    schedule: training schedule object or name (default `losses.training_schedule(model)`).
+    schedule: training schedule object or name (default `diffusion.training_schedule(model)`).
     lam: λ, weight of L_u.
     beta: β, weight of L_UAL.
     variant: 'paper' or 'public'.
@@ -148,7 +149,7 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
   if uem not in heads_lib.UEM_KINDS:
     raise ValueError(f"unknown UEM {uem!r}; choose from {heads_lib.UEM_KINDS}")
   if schedule is None or isinstance(schedule, str):
-    schedule = losses.training_schedule(model, schedule)
+    schedule = diffusion_obj.training_schedule(model, schedule)
   if label_dropout is None:
     label_dropout = getattr(model, "class_dropout_prob",
                             0.1 if model.null_class is not None else 0)
@@ -164,8 +165,8 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
     y = batch.get(label_key) if model.num_classes > 0 else None
     drop_key, loss_key = jax.random.split(rng)
     if y is not None:
-      y = losses.drop_labels(drop_key, jnp.asarray(y, jnp.int32), model.null_class,
-                             label_dropout)
+      y = diffusion_obj.drop_labels(drop_key, jnp.asarray(y, jnp.int32), model.null_class,
+                                    label_dropout)
     draw = draw_noisy_inputs(schedule, x0, loss_key)
     final, outs, u = deediff_lib.forward_all_exits(model, backbone, params["deediff"],
                                                    draw["x_t"], draw["t_net"], y, uem)

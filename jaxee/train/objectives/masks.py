@@ -46,7 +46,7 @@ Readings fixed here (documented choices):
 
 Progress is saved after every step (`masks_progress.npz`); a restarted run with the same options
 replays the finished rows to rebuild the cache and continues. The masked forward, the mask
-sampling and the teacher recording are in `jaxee/train/masks_teacher.py`.
+sampling and the teacher recording are in `jaxee/train/objectives/masks_teacher.py`.
 """
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ from jaxee.exits import mask_tools
 from jaxee.exits import masks as masks_lib
 from jaxee.models import backbone as bb_lib
 from jaxee.models import registry
-from jaxee.train import masks_teacher as teacher
-from jaxee.train.masks_teacher import (Trajectory, record_teacher, run_blocks,  # noqa: F401
-                                       sample_gates)
+from jaxee.train.objectives import masks_teacher as teacher
+from jaxee.train.objectives.masks_teacher import (  # noqa: F401
+    Trajectory, record_teacher, run_blocks, sample_gates)
 
 SAMPLING_MODES = teacher.SAMPLING_MODES
 LOSS_TARGETS = ("x_end", "output")
@@ -374,7 +374,7 @@ def build_plan(model, result: dict, opts: MaskOptOptions) -> masks_lib.MaskPlan:
 
 
 def run(config, workdir: str, model, params) -> str:
-  """`method='masks'` entry point (`jaxee.main` dispatches here): optimise and save the plan.
+  """`method='masks'` entry point (`jaxee.cli.train` dispatches here): optimise and save the plan.
 
   Args:
     config: the run config; reads `config.masks` (see `DEFAULTS`) and, when `config.masks.seed`

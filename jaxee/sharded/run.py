@@ -1,28 +1,28 @@
-r"""The sampling engine behind `python -m jaxee.sample`: many samples in resumable shards.
+r"""The sampling engine behind `jaxee-sample`: many samples in resumable shards.
 
-    python -m jaxee.sample --config=configs/sample_dit.py --config.ckpt=ckpt/dit_xl_2_256 \
+    jaxee-sample --config=configs/sample_dit.py --config.ckpt=ckpt/dit_xl_2_256 \
         --config.vae_ckpt=ckpt/sd_vae_ft_ema --config.out_dir=runs/dit_fid50k
-    python -m jaxee.sample --config=configs/sample_dit.py:runlocal --config.plan=ase:D3-DiT \
+    jaxee-sample --config=configs/sample_dit.py:runlocal --config.plan=ase:D3-DiT \
         --config.plan_options.depth=3
 
-`run_sampling(config)` does the same from Python (the command line is `jaxee/sample.py`). The
-per-shard layout follows DiT `sample_ddp.py` (a fixed global seed, each worker's noise derived
-from it); here shard k's keys are `fold_in(key(seed), k)`. The output directory holds
-`shards/shard_{k:05d}.npz` (`images`: uint8 NHWC when decoded or in pixel space, else `latents`:
-float32 NHWC; `labels`: int32, -1 when unconditional; `index`: global sample numbers),
-`grid.png` (the first shard), `config.json`, `throughput.json`, `manifest.json` and, with
-`merge=True`, `samples.npz`.
+`run_sampling(config)` does the same from Python (the command line is `jaxee/cli/sample.py`,
+also `python -m jaxee.cli.sample`). The per-shard layout follows DiT `sample_ddp.py` (a fixed
+global seed, each worker's noise derived from it); here shard k's keys are
+`fold_in(key(seed), k)`. The output directory holds `shards/shard_{k:05d}.npz` (`images`: uint8
+NHWC when decoded or in pixel space, else `latents`: float32 NHWC; `labels`: int32, -1 when
+unconditional; `index`: global sample numbers), `grid.png` (the first shard), `config.json`,
+`throughput.json`, `manifest.json` and, with `merge=True`, `samples.npz`.
 
 Resume: the randomness of shard k is a pure function of (seed, k) (`fold_in`), every file is
 written atomically (temp file + `os.replace`), so re-running the same command skips the shards
 already present and ends with byte-identical output. A shard that exists but cannot be read is
 recomputed, and so is one whose content is not what that shard must be (its recorded SHA-256,
-`index`, shape and dtype; see `jaxee.sample_shards`). `config.json` is written only once the first
-shard has been computed, so a run that fails on bad input leaves nothing behind. A run refuses an
-`out_dir` whose `config.json` differs in a key that changes the samples (a mask plan file counts
-by its SHA-256) unless `force=True`; `provenance.json` records which config made which shard. One
-process at a time owns an out_dir (a lock file); non-finite samples stop the run with an error
-naming the shard and batch, before anything of that shard is written.
+`index`, shape and dtype; see `jaxee.sharded.shards`). `config.json` is written only once the
+first shard has been computed, so a run that fails on bad input leaves nothing behind. A run
+refuses an `out_dir` whose `config.json` differs in a key that changes the samples (a mask plan
+file counts by its SHA-256) unless `force=True`; `provenance.json` records which config made
+which shard. One process at a time owns an out_dir (a lock file); non-finite samples stop the
+run with an error naming the shard and batch, before anything of that shard is written.
 """
 from __future__ import annotations
 
@@ -40,15 +40,15 @@ import tqdm
 
 from jaxee import convert
 from jaxee import models
-from jaxee import sample_shards
 from jaxee import sampling as sampling_lib
 from jaxee import validation
 from jaxee.convert import vae_rules
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.eval import images as images_lib
 from jaxee.models import vae as vae_lib
-from jaxee.sample_shards import (ConfigMismatchError, read_shard, sample_config_diff,  # noqa: F401
-                                 shard_counts, write_json, write_npz)
+from jaxee.sharded import shards as shards_lib
+from jaxee.sharded.shards import (ConfigMismatchError, read_shard, sample_config_diff,  # noqa: F401
+                                  shard_counts, write_json, write_npz)
 
 __all__ = ["ConfigMismatchError", "ShardSampler", "load_backbone", "load_vae", "make_plan",
            "parse_labels", "read_shard", "run_sampling", "sample_config_diff", "shard_counts",
@@ -404,20 +404,20 @@ def run_sampling(config, *, on_shard: Optional[Callable[[int, dict], None]] = No
   from jaxee.exits import spec as spec_lib  # pylint: disable=g-import-not-at-top
   plan_files = [p for p in spec_lib.referenced_files(config.get("plan")) if p.is_file()]
   if plan_files:
-    saved["plan_file_sha256"] = sample_shards.sha256(plan_files[0])
+    saved["plan_file_sha256"] = shards_lib.sha256(plan_files[0])
   out = pathlib.Path(config.out_dir).expanduser().absolute()
-  with sample_shards.claim_out_dir(out):
+  with shards_lib.claim_out_dir(out):
     return _run_claimed(config, out, saved, on_shard)
 
 
 def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
   """`run_sampling` once `out` is claimed: resume, sample the missing shards, write manifest."""
-  old_config = sample_shards.prepare_out_dir(out, saved, bool(config.get("force", False)))
+  old_config = shards_lib.prepare_out_dir(out, saved, bool(config.get("force", False)))
   model, params = load_backbone(config)
   vae, vae_params = load_vae(config)
   sampler = ShardSampler(config, model, params, vae, vae_params, make_plan(config, model, params))
   counts = shard_counts(int(config.num_samples), int(config.shard_size))
-  provenance = sample_shards.Provenance(out)
+  provenance = shards_lib.Provenance(out)
   timer, n_done, n_skipped, config_written = [], 0, 0, False
   grid_path = out / "grid.png"
   bar = tqdm.tqdm(total=sum(counts), unit="img", desc="sampling", dynamic_ncols=True,
@@ -432,10 +432,10 @@ def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
         write_json(out / "config.json", saved)
         config_written = True
       write_npz(path, arrays)
-      provenance.record(path.name, sample_shards.sha256(path), saved)
+      provenance.record(path.name, shards_lib.sha256(path), saved)
       n_done += 1
     else:
-      digest = sample_shards.sha256(path) if provenance.digest(path.name) is None else None
+      digest = shards_lib.sha256(path) if provenance.digest(path.name) is None else None
       if digest is not None:  # kept on content checks alone: sign it for the next resume
         provenance.record(path.name, digest, old_config)
       n_skipped += 1
@@ -453,12 +453,7 @@ def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
   stats = _throughput(timer, config, n_done, n_skipped, sampler.plan_info)
   if timer:  # a resume that computed nothing keeps the previous run's numbers
     write_json(out / "throughput.json", stats)
-  manifest = sample_shards.write_manifest(out, counts, bool(config.get("merge", False)),
+  manifest = shards_lib.write_manifest(out, counts, bool(config.get("merge", False)),
                                           sampler.kind, provenance)
   return {**stats, "out_dir": str(out), "manifest": manifest}
 
-
-if __name__ == "__main__":  # `python -m jaxee.sample_main` is an alias of `python -m jaxee.sample`
-  import importlib  # pylint: disable=g-import-not-at-top
-  # `from jaxee import sample` would give the function `jaxee.sampling.sample`, not the module.
-  importlib.import_module("jaxee.sample").run_cli()
