@@ -129,3 +129,23 @@ def test_modules_are_at_most_500_lines():
   long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py")
           if (n := len(p.read_text().splitlines())) > MAX_LINES}
   assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_no_branching_on_the_model_family_in_exits_and_train():
+  """Runners and objectives are written against the backbone contract (issue: no family code).
+
+  Comparing a plan's recorded family with the model's (`plan.family != model.family`) is a
+  generic check and allowed; comparing against a family name, or choosing by one, is not.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1] / "jaxee"
+  forbidden = re.compile(r"""(==|!=)\s*["'](dit|uvit)["']|["'](dit|uvit)["']\s*(==|!=|if\b)|"""
+                         r"""family\s+in\s+\(|isinstance\([^)]*\b(DiT|UViT)\b""")
+  offenders = []
+  for sub in ("exits", "train"):
+    for path in sorted((root / sub).rglob("*.py")):
+      for n, line in enumerate(path.read_text().splitlines(), 1):
+        code = line.split("#", 1)[0]
+        if forbidden.search(code):
+          offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+  assert not offenders, "\n".join(offenders)

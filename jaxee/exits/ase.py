@@ -67,7 +67,10 @@ ASE_SPEEDUPS: dict[str, float] = {
     "D2-DiT": 0.2343, "D3-DiT": 0.3046, "D4-DiT": 0.3456, "D7-DiT": 0.3892,
     "D1-U-ViT": 0.213, "D2-U-ViT": 0.248, "D3-U-ViT": 0.297, "D6-U-ViT": 0.326,
 }
-# Depth the tables refer to: DiT-XL/2 blocks; U-ViT out-blocks (the droppable tail).
+# The backbone family each table was written for, and the depth it refers to (DiT-XL/2 blocks;
+# U-ViT out-blocks, the droppable tail): data about the paper's tables, checked against the model.
+TABLE_FAMILY = {name: name.split("-", 1)[1].lower().replace("-", "")
+                for name in ASE_TABLES}
 REFERENCE_DEPTH = {"dit": 28, "uvit": 6}
 RUNNERS = ("switch", "loop")
 NUM_INTERVALS = 10
@@ -239,7 +242,7 @@ def ase_plan(name: str, depth: Optional[int] = None, **kwargs) -> ASEPlan:
   key = name if name in ASE_TABLES else f"{name}-DiT"
   if key not in ASE_TABLES:
     raise ValueError(f"unknown ASE schedule {name!r}; known: {sorted(ASE_TABLES)}")
-  family = "dit" if key.endswith("-DiT") else "uvit"
+  family = TABLE_FAMILY[key]
   plan = ASEPlan(ASE_TABLES[key], name=key, family=family, speedup=ASE_SPEEDUPS[key], **kwargs)
   if depth is not None and depth != REFERENCE_DEPTH[family]:
     plan = plan.scaled(depth)
