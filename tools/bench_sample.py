@@ -77,7 +77,6 @@ def time_sampler(args, sampler: str, model, params, labels) -> dict:
   """Times `jaxee.sample` for one sampler and returns its result record."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxee import sampling  # pylint: disable=g-import-not-at-top
-  from jaxee.diffusion import samplers  # pylint: disable=g-import-not-at-top
   schedule = PAIRING[sampler][1]
 
   def call(i):
@@ -96,11 +95,10 @@ def time_sampler(args, sampler: str, model, params, labels) -> dict:
     jax.block_until_ready(call(100 + i))
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)
-  sched = sampling.default_schedule(model, sampler, args.steps, schedule)
-  opts = {} if sampler in ("ddpm", "ddim") else {"steps": args.steps}
+  nfe = len(sampling.nfe_times(model, sampler, args.steps, schedule))
   return {
       "sampler": sampler, "model": model.family, "schedule": schedule, "steps": args.steps,
-      "nfe": int(samplers.get_sampler(sampler).num_nfe(sched, **opts)),
+      "nfe": nfe,
       "images_per_s": round(args.batch / median, 2),
       "compile_s": round(max(first - median, 0.0), 3),
       "median_call_s": round(median, 4), "min_call_s": round(min(times), 4),

@@ -44,7 +44,6 @@ import numpy as np
 
 from jaxee import convert
 from jaxee.demo import setup as demo_setup
-from jaxee.diffusion import samplers as samplers_lib
 from jaxee.eval import flops as flops_lib
 from jaxee.exits import deediff as deediff_lib
 from jaxee.exits import deediff_heads
@@ -92,11 +91,9 @@ class StageClock:
 
 
 def nfe_times(model: Any, sampler: str, steps: int) -> np.ndarray:
-  """The network time of each NFE of `sampler` with `steps` steps (host float32)."""
+  """The network time of each NFE of `sampler` with `steps` steps (`jaxee.sampling.nfe_times`)."""
   from jaxee import sampling  # pylint: disable=g-import-not-at-top
-  schedule = sampling.default_schedule(model, sampler, steps)
-  options = {} if sampler in ("ddpm", "ddim") else {"steps": steps}
-  return np.asarray(samplers_lib.nfe_times(sampler, schedule, **options), np.float32)
+  return sampling.nfe_times(model, sampler, steps)
 
 
 def _train(config, workdir: pathlib.Path, model, params) -> dict:
