@@ -26,6 +26,7 @@ SET_ME = "SET_ME"
 
 # The method sections (the schema; one default per field).
 ase_section = config_base.ase_section
+ASE_DEFAULTS = config_base.ASE_DEFAULTS
 deediff_section = config_base.deediff_section
 duodiff_section = config_base.duodiff_section
 masks_section = config_base.masks_section

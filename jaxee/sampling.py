@@ -9,8 +9,9 @@ a pytree passed to the jitted function as a traced argument and bound to the mod
 inside the same trace, where it decides what runs at each network evaluation. One program is
 compiled per (model, sampler, steps, schedule, guidance on/off, options, plan *structure*,
 shapes); params, plan leaves (masks, depth tables, θ, extra params), the key, the start noise,
-the labels and the guidance scale are traced, so new values never recompile, and nothing here
-keeps a plan or its params alive after the call (`trace_count()` counts traces, for tests).
+the per-step noise (`noise=`), the labels and the guidance scale are traced, so new values never
+recompile, and nothing here keeps a plan or its params alive after the call (`trace_count()`
+counts traces, for tests).
 """
 from __future__ import annotations
 
@@ -47,17 +48,22 @@ def check_sampler(model, sampler: str, schedule: Any = None, options: Optional[d
     raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {spec.options}")
 
 
-def default_schedule(model, sampler: str, steps: int, schedule: Any = None):
+def default_schedule(model, sampler: str, steps: int, schedule: Any = None,
+                     options: Optional[dict] = None):
   """The schedule object a sampler runs on, from the model unless `schedule` is given.
 
-  DDPM/DDIM take their step count from DiT's respacing (`"250"` / `"ddim50"`), so for them the
-  schedule is built per step count; the continuous samplers take `steps` as an option.
+  DDPM/DDIM take their step count from DiT's respacing (`"250"` / `"ddim50"`; DDIM with the
+  option `grid='duodiff'`: DuoDiff's `"linspace50"`), so for them the schedule is built per step
+  count; the continuous samplers take `steps` as an option.
   """
   if schedule is not None and not isinstance(schedule, str):
     return schedule
   name = schedule or model.default_schedule
   if name == "linear_discrete":
-    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    respacing = str(steps)
+    if sampler == "ddim":
+      grid = (options or {}).get("grid", "dit")
+      respacing = f"linspace{steps}" if grid == "duodiff" else f"ddim{steps}"
     return _named_schedule(name, respacing, model.learn_sigma)
   return _named_schedule(name, None, None)
 
@@ -95,7 +101,7 @@ def nfe_times(model, sampler: str = "ddim", steps: int = 50, schedule: Any = Non
     t; U-ViT continuous: 999·t; discrete: 1000·t).
   """
   check_sampler(model, sampler, schedule, sampler_options)
-  sched = default_schedule(model, sampler, steps, schedule)
+  sched = default_schedule(model, sampler, steps, schedule, sampler_options)
   kwargs = sampler_kwargs(sampler, steps, sched, sampler_options)
   return np.asarray(samplers_lib.get_sampler(sampler).nfe_times(sched, **kwargs), np.float32)
 
@@ -116,7 +122,7 @@ def _compiled(model, sampler: str, steps: int, schedule, guided: bool, options_k
   times = np.asarray(spec.nfe_times(schedule, **kwargs), np.float32)
   null = model.null_class
 
-  def run(params, plan, rng, x_T, labels, scale):
+  def run(params, plan, rng, x_T, labels, scale, noise=None):
     _TRACES[(sampler, steps)] += 1  # trace-time only: counts compilations
     bound = plan.bind(model, params, times)
     denoise = guidance_lib.make_denoiser(
@@ -127,7 +133,8 @@ def _compiled(model, sampler: str, steps: int, schedule, guided: bool, options_k
     batch_y = None if labels is None else (
         jnp.concatenate([labels, jnp.full_like(labels, null)]) if guided else labels)
     cache = bound.init_cache(batch_x, batch_y)
-    return spec.sample(denoise, schedule, rng, x_T, cache=cache, **kwargs)
+    extra = {} if noise is None else {"noise": noise}
+    return spec.sample(denoise, schedule, rng, x_T, cache=cache, **kwargs, **extra)
 
   return jax.jit(run), times
 
@@ -157,7 +164,7 @@ def _schedule_key(sched):
 def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddim",
            steps: int = 50, labels=None, guidance: Optional[float] = None, plan=None,
            x_T=None, schedule=None, return_stats: bool = False, check_finite: bool = True,
-           **sampler_options):
+           noise=None, **sampler_options):
   """Samples `num` images (or latents) from a backbone.
 
   Args:
@@ -179,7 +186,14 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
       default from the model family.
     return_stats: also return per-NFE exit statistics.
     check_finite: raise `validation.NonFiniteError` when the samples hold NaN/Inf.
-    **sampler_options: `eta` (ddim), `eps` / `T` (continuous samplers).
+    noise: optional (draws, num, H, W, C) standard normal draws used instead of the per-step
+      draws from `rng` (stochastic samplers only): one draw per stochastic update in the order
+      the original takes them — ddpm and ddim with eta > 0: every step, the last masked out
+      (draws = steps); euler_maruyama: every step but the last (draws = steps − 1). With
+      guidance the draws are for the `num` sampled rows (the guided denoiser makes one
+      prediction per row).
+    **sampler_options: `var_type` (ddpm: 'fixed_small' = DuoDiff's β̃, 'fixed_large' = β),
+      `eta` and `grid` (ddim: 'dit' | 'duodiff'), `eps` / `T` (continuous samplers).
 
   Returns:
     The final NHWC samples in the model's space, or `(samples, stats)` with `stats` a dict of
@@ -206,14 +220,20 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
   guided = guidance is not None
   if guided and model.null_class is None:
     raise ValueError(f"guidance needs a null class, and this {type(model).__name__} has none")
-  sched = default_schedule(model, sampler, steps, schedule)
+  sched = default_schedule(model, sampler, steps, schedule, sampler_options)
+  if noise is not None:
+    spec = samplers_lib.get_sampler(sampler)
+    kwargs = sampler_kwargs(sampler, steps, sched, sampler_options)
+    draws = spec.num_draws(sched, **kwargs) if spec.num_draws is not None else 0
+    validation.check_noise(noise, sampler, draws, tuple(x_T.shape), sampler_options)
+    noise = jnp.asarray(noise, jnp.float32)
   fn, times = _compiled(model, sampler, int(steps), _schedule_key(sched), guided,
                         tuple(sorted(sampler_options.items())))
   plan = _full_plan() if plan is None else plan
   if hasattr(plan, "check"):
     plan.check(model, times)
   scale = jnp.float32(guidance if guided else 0.0)
-  x, _, stats = fn(params, plan, rng, x_T, labels, scale)
+  x, _, stats = fn(params, plan, rng, x_T, labels, scale, noise)
   if check_finite:
     validation.check_finite(x, f"the samples of jaxee.sample ({sampler}, {steps} steps)")
   if not return_stats:

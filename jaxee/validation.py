@@ -11,7 +11,9 @@ silently wrapped labels, all-NaN samples or an internal `TypeError` from inside 
 * `labels` are integers in `[0, num real classes)`; the model's CFG null label is accepted only
   without guidance (it then asks for unconditional samples, as the original label tables allow);
   floats such as 1.7 are refused instead of truncated;
-* `guidance` is a finite number and needs labels on a class-conditional model.
+* `guidance` is a finite number and needs labels on a class-conditional model;
+* `noise` (the Gaussian draws of a stochastic sampler) is given only to a sampler that draws,
+  with shape (draws, num, H, W, C) (`check_noise`).
 
 `check_finite` turns a NaN/Inf output (samples, features, statistics) into a `NonFiniteError`
 naming what held it; a caller adds where (the shard, the batch).
@@ -167,6 +169,39 @@ def check_sample_args(model, *, num: Optional[int], labels: Any, guidance: Any, 
       raise ValueError(f"steps={steps} is not possible for sampler {sampler!r} on the "
                        f"1000-step chain ({e}); pick fewer steps") from None
   return steps
+
+
+def check_noise(noise: Any, sampler: str, draws: Optional[int], shape: tuple,
+                options: Optional[dict] = None) -> None:
+  """`noise` must fit the sampler: (draws, num, H, W, C), refused for a deterministic one.
+
+  Args:
+    noise: the given draws, or None (nothing to check).
+    sampler: the sampler name.
+    draws: the Gaussian draws the sampler takes for these steps/options (`Sampler.num_draws`);
+      None or 0 when it draws nothing.
+    shape: (num, H, W, C), the shape of one draw.
+    options: the sampler options (named in the message).
+
+  Raises:
+    ValueError: saying what shape was expected, or that this sampler draws no noise.
+  """
+  if noise is None:
+    return
+  if not draws:
+    why = " (ddim draws only with eta > 0)" if sampler == "ddim" else ""
+    raise ValueError(f"sampler {sampler!r} with options {dict(options or {})} is deterministic "
+                     f"and takes no noise{why}; noise= is for ddpm, ddim with eta > 0 and "
+                     f"euler_maruyama")
+  got = tuple(np.shape(noise))
+  expected = (int(draws),) + tuple(int(d) for d in shape)
+  if got != expected:
+    raise ValueError(f"noise for sampler {sampler!r} must have shape (draws, num, H, W, C) = "
+                     f"{expected} (NHWC, one draw per stochastic update), got {got}")
+  dtype = getattr(noise, "dtype", None)
+  dtype = np.dtype(dtype if dtype is not None else np.asarray(noise).dtype)
+  if dtype.kind != "f" and not dtype.name.startswith("bfloat"):
+    raise ValueError(f"noise must be floating point, got dtype {dtype}")
 
 
 def check_finite(array: Any, what: str) -> None:

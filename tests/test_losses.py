@@ -61,7 +61,8 @@ def dit2():
 def test_ase_dit_gradients_reach_only_used_blocks_and_loss_is_truncated_hybrid(dit4):
   model, params = dit4                                 # learn_sigma: hybrid loss
   plan = ase.ase_plan("D3-DiT", depth=4)               # (4, 4, 3, 3, 3, 3, 2, 2, 2, 2)
-  loss_fn = ase_obj.make_ase_loss(model, plan, boost=3.0, cycle_length=5, label_dropout=0.0)
+  loss_fn = ase_obj.make_ase_loss(model, plan, boost=3.0, lambda_mode="cycle", cycle_length=5,
+                                 loss="hybrid", label_dropout=0.0)
   x0, y = testing.example_inputs(model, 3)
   t = jnp.array([950, 50, 450], jnp.int32)             # depths 2, 4, 3
   noise = jax.random.normal(jax.random.PRNGKey(7), x0.shape)
@@ -86,7 +87,9 @@ def test_ase_dit_gradients_reach_only_used_blocks_and_loss_is_truncated_hybrid(d
   outs = _prefix_outputs(model, params, x_t, sched.at(t)["t_net"], y, depths)
   ref = gaussian.training_losses(sched, outs, x0, t, noise)
   assert float(jnp.min(ref["vb"])) > 0
-  lam = np.array([3.0, 1.0, 3.0])                      # intervals 9, 0, 4; only 0 keeps all 4
+  # λ = 1 + γ·(1 − n/4), γ = 3 (intervals 9, 0, 4 run 2, 4, 3 of 4 blocks): graded, not a
+  # constant boost on every dropped interval (was 3, 1, 3 before issue 12).
+  lam = np.array([2.5, 1.0, 1.75])
   np.testing.assert_allclose(per_loss, lam * ref["loss"], rtol=2e-5)
   np.testing.assert_allclose(per_metrics["vb"], ref["vb"], rtol=2e-5)
   np.testing.assert_allclose(per_metrics["mse"], ref["mse"], rtol=2e-5)
@@ -117,8 +120,8 @@ def test_ase_uvit_dropped_out_blocks_keep_only_skip_linear_gradients(uvit6):
 def test_ase_plain_eps_mse_without_learned_sigma(dit2):
   model, params = dit2
   plan = ase.ASEPlan((2,) * 5 + (1,) * 5)
-  loss_fn = ase_obj.make_ase_loss(model, plan, lambda_mode="constant", boost=1.0,
-                                 label_dropout=0.0)
+  loss_fn = ase_obj.make_ase_loss(model, plan, lambda_mode="constant", boost=0.0,  # λ ≡ 1
+                                 loss="simple", label_dropout=0.0)
   x0, y = testing.example_inputs(model, 2)
   t = jnp.array([10, 990])
   noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
@@ -144,12 +147,12 @@ def test_ase_lambda_applies_boost_only_in_boosted_phase(dit2):
   model, params = dit2
   plan = ase.ASEPlan((2,) * 5 + (1,) * 5)
   loss_fn = jax.jit(lambda p, b, e: ase_obj.make_ase_loss(
-      model, plan, boost=4.0, cycle_length=2, label_dropout=0.0)(p, b, RNG,
-                                                                 train_state_extras=e))
+      model, plan, boost=4.0, lambda_mode="cycle", cycle_length=2, label_dropout=0.0)(
+          p, b, RNG, train_state_extras=e))
   x0, y = testing.example_inputs(model, 2)
-  noisy = {"image": x0, "label": y, "t": jnp.array([700, 999])}      # both dropped intervals
+  noisy = {"image": x0, "label": y, "t": jnp.array([700, 999])}      # both run 1 of 2 blocks
   clean = dict(noisy, t=jnp.array([0, 400]))                         # both full-depth intervals
-  for step, lam in [(0, 4.0), (1, 4.0), (2, 1.0), (50, 1.0)]:
+  for step, lam in [(0, 3.0), (1, 3.0), (2, 1.0), (50, 1.0)]:        # 1 + 4·(1 − 1/2), then 1
     _, m = loss_fn(params, noisy, {"step": jnp.int32(step)})
     np.testing.assert_allclose(float(m["weight_mean"]), lam)
     np.testing.assert_allclose(float(m["ase_boost"]), float(lam > 1))
@@ -178,6 +181,69 @@ def test_plateau_test_ends_boost_on_flat_loss_only(dit2):
   on = run({"ase_boost": np.float32(ase_obj.plateau_init()["boost"])})
   off = run({"ase_boost": np.float32(state["boost"])})
   assert float(on) == 2.0 and float(off) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# λ(t) (issue 12): graded by the dropped fraction, time-dependent for every paper table.
+
+
+@pytest.mark.parametrize("name", sorted(ase.ASE_TABLES))
+def test_lambda_is_graded_over_the_ten_intervals_for_every_paper_table(name):
+  table = ase.ASE_TABLES[name]
+  ref = ase.REFERENCE_DEPTH[ase.TABLE_FAMILY[name]]
+  arch = {"dit": "dit_xl_2", "uvit": "uvit_s4_celeba64"}[ase.TABLE_FAMILY[name]]
+  model = models.create(arch)
+  assert ase.capacity(model) == ref                  # 28 DiT-XL/2 blocks, 6 U-ViT-S out-blocks
+  for gamma in (2.0, 0.5):
+    lam = ase_obj.ase_lambda_table(ase.ase_plan(name), model, gamma)
+    assert lam.shape == (10,) and len(set(lam.tolist())) >= 2, (name, lam)
+    np.testing.assert_allclose(lam, 1 + gamma * (1 - np.asarray(table) / ref), rtol=1e-6)
+    assert np.all(np.diff(lam) >= 0) and lam.min() >= 1.0   # larger towards t → 1 (noise)
+  for depth in range(2, ref + 1):                    # rescaled: graded whenever the table is
+    scaled = ase.scale_schedule(table, ref, depth)
+    lam = ase_obj.lambda_values(scaled, depth, 2.0)
+    assert (len(set(lam.tolist())) >= 2) == (len(set(scaled)) >= 2), (name, depth, scaled)
+
+
+def test_lambda_values_documented_in_the_module():
+  d3 = ase_obj.lambda_values(ase.ASE_TABLES["D3-DiT"], 28, 2.0)
+  np.testing.assert_allclose(d3, [1, 1, 1.2857, 1.2857, 1.5714, 1.5714, 1.8571, 1.8571, 2.1429,
+                                  2.1429], atol=1e-4)
+  d6 = ase_obj.lambda_values(ase.ASE_TABLES["D6-U-ViT"], 6, 2.0)
+  np.testing.assert_allclose(d6, [7 / 3] * 4 + [8 / 3] * 6, rtol=1e-6)
+  np.testing.assert_array_equal(ase_obj.lambda_values((4,) * 10, 4, 2.0), np.ones(10))
+  with pytest.raises(ValueError, match="does not fit capacity"):
+    ase_obj.lambda_values((5,) * 10, 4, 2.0)
+
+
+def test_make_ase_loss_defaults_are_the_config_schema():
+  import inspect
+  from jaxee.train import config_base
+  sig = inspect.signature(ase_obj.make_ase_loss).parameters
+  for arg, field in [("boost", "lambda_boost"), ("lambda_mode", "lambda_mode"),
+                     ("cycle_length", "cycle_length"), ("cycle_repeat", "cycle_repeat"),
+                     ("loss", "loss")]:
+    assert sig[arg].default == config_base.ASE_DEFAULTS[field], arg
+  assert config_base.ASE_DEFAULTS["lambda_mode"] == "plateau"
+  plateau = inspect.signature(ase_obj.plateau_update).parameters
+  assert plateau["patience"].default == config_base.ASE_DEFAULTS["plateau_patience"]
+  assert plateau["rel_tol"].default == config_base.ASE_DEFAULTS["plateau_rel_tol"]
+
+
+def test_ase_loss_kind_is_explicit(dit4, uvit6):
+  dit, _ = dit4
+  uvit, _ = uvit6
+  assert ase_obj.resolve_loss("auto", dit) == "hybrid"     # learned σ on the discrete chain
+  assert ase_obj.resolve_loss("auto", uvit) == "simple"    # U-ViT predicts ε only
+  assert ase_obj.resolve_loss("simple", uvit) == "simple"
+  with pytest.raises(ValueError, match="no learned-σ output.*reduces to L_simple"):
+    ase_obj.resolve_loss("hybrid", uvit)
+  with pytest.raises(ValueError, match="learns σ"):
+    ase_obj.resolve_loss("simple", dit)
+  with pytest.raises(ValueError, match="no learned-σ output"):
+    ase_obj.make_ase_loss(uvit, ase.ase_plan("D1-U-ViT", depth=3), loss="hybrid")
+  with pytest.raises(ValueError, match="unknown ASE loss"):
+    ase_obj.resolve_loss("vlb", dit)
 
 
 def test_duodiff_shallow_dit_from_deep_is_the_deep_prefix(dit4):

@@ -1,4 +1,4 @@
-"""Safe conversion of PyTorch checkpoints (DiT, U-ViT, SD VAE, FID Inception) to jaxee params.
+"""Safe conversion of PyTorch checkpoints (DiT, U-ViT, DDPM U-Net, SD VAE, FID Inception).
 
     params = convert.from_torch(path_or_state_dict, arch, **overrides)
 
@@ -21,19 +21,24 @@ from jaxee.convert.torch_reader import load_state_dict, read_safetensors, read_t
 Source = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
 
-def from_torch(src: Source, arch: str, *, prefer: str = "ema", **overrides: Any) -> dict[str, Any]:
-  """Converts a DiT / U-ViT PyTorch checkpoint into params for `models.create(arch, **overrides)`.
+def from_torch(src: Source, arch: str, *, prefer: str = "ema", config_json: Any = None,
+               **overrides: Any) -> dict[str, Any]:
+  """Converts a DiT / U-ViT / U-Net checkpoint into params for `models.create(arch, **overrides)`.
 
   Args:
     src: a checkpoint path (`.pt`, `.pth`, `.bin`, `.safetensors`, a U-ViT `<step>.ckpt/`
       directory) or an already-loaded flat/nested state dict.
     arch: a `jaxee.models` arch name.
     prefer: which weights of a training checkpoint to take (`'ema'` or `'model'`).
+    config_json: U-Net only: a diffusers `config.json` (path or dict) whose keys become
+      overrides (explicit `overrides` win).
     **overrides: the original constructors' keyword overrides (`input_size`, `num_classes`, ...).
 
   Returns:
     The params pytree for `model.apply({'params': params}, x, t, y)`.
   """
+  if config_json is not None:
+    overrides = {**models.unet_config_json(config_json, arch), **overrides}
   model = models.create(arch, **overrides)
   name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else "state dict"
   return params_from_state_dict(load_state_dict(src, prefer=prefer), model, source=name)

@@ -38,6 +38,9 @@ def example_inputs(model) -> tuple[Any, ...]:
   if model.family == "dit":
     x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
     return x, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+  if model.family == "unet":
+    x = jnp.zeros((1, model.sample_size, model.sample_size, model.in_channels), jnp.float32)
+    return x, jnp.zeros((1,), jnp.float32), None
   x = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
   y = jnp.zeros((1,), jnp.int32) if model.num_classes > 0 else None
   return x, jnp.zeros((1,), jnp.float32), y
@@ -104,6 +107,8 @@ def _family_hint(keys) -> str:
     return "U-ViT"
   if any(k.startswith("blocks.") and "adaLN_modulation" in k for k in keys):
     return "DiT"
+  if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
+    return "UNet2DModel"
   if any(k.startswith(("encoder.", "decoder.")) for k in keys):
     return "VAE"
   if any(k.startswith("Mixed_") for k in keys):
@@ -126,6 +131,9 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model, *,
   Raises:
     CheckpointError: listing every missing key, unexpected key and shape mismatch at once.
   """
+  if model.family == "unet":
+    from jaxee.convert import unet_rules  # pylint: disable=g-import-not-at-top
+    return unet_rules.params_from_state_dict(state_dict, model, source=source)
   expected = param_shapes(model)
   filled: dict[tuple[str, ...], np.ndarray] = {}
   rows_seen: dict[tuple[str, ...], set[int]] = {}

@@ -68,6 +68,27 @@ def step_noise(rng, step, x):
   return jax.random.normal(jax.random.fold_in(rng, step), x.shape, x.dtype)
 
 
+def check_noise(noise, draws: int, x):
+  """Given per-step draws as float32 after checking their shape against (draws,) + x.shape.
+
+  Args:
+    noise: None, or the Gaussian draws of a stochastic sampler, one per stochastic update.
+    draws: how many draws the sampler takes.
+    x: the sampler state (B, H, W, C).
+
+  Returns:
+    None, or `noise` as a float32 array.
+  """
+  if noise is None:
+    return None
+  noise = jnp.asarray(noise, jnp.float32)
+  expected = (draws,) + tuple(x.shape)
+  if tuple(noise.shape) != expected:
+    raise ValueError(f"noise must have shape (draws, B, H, W, C) = {expected}, got "
+                     f"{tuple(noise.shape)}")
+  return noise
+
+
 def stack_stats(per_nfe: Sequence[Any]):
   """Stacks a list of per-NFE stats dicts (scalars) into arrays of shape (n,)."""
   return jax.tree.map(lambda *s: jnp.stack(s), *per_nfe)

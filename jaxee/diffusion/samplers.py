@@ -19,10 +19,19 @@ Every sampler has the signature
 where `denoise(x, t_net, nfe_index, cache) -> (model_out, cache, stats)` follows
 `docs/ARCHITECTURE.md`, and `stats` leaves come back with shape (num_nfe,). Its host twin
 `nfe_times(schedule, **options)` lists the float32 network times per NFE, in order, so that a plan
-can be compiled to per-NFE tables before tracing. Options: `eta` (ddim); `steps`, `eps`, `T`
-(continuous samplers). DDPM/DDIM take their step count from the respaced schedule.
+can be compiled to per-NFE tables before tracing. Options: `var_type` (ddpm: 'fixed_small' = the
+posterior variance β̃ as DuoDiff samples, 'fixed_large' = β, 'learned_range'; default the
+schedule's), `eta` and `grid` (ddim: 'dit', DiT's `"ddimN"` chain, or 'duodiff', DuoDiff's
+`linspace(0, 999, N).astype(int)` grid, N − 1 NFEs ending at index 0); `steps`, `eps`, `T` (continuous samplers). DDPM/DDIM take their step
+count from the respaced schedule.
+
+The stochastic samplers also take `noise=`: the Gaussian draws to use, (draws, B, H, W, C), one
+per stochastic update in the order the original takes them, instead of the draws from `rng`;
+`num_draws(schedule, **options)` says how many (DDPM: every step, the last masked out; DDIM with
+eta > 0: the same; Euler--Maruyama: every step but the last). It is None for the deterministic
+samplers.
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 from jaxee.diffusion import dpm_solver
 from jaxee.diffusion import samplers_discrete
@@ -40,6 +49,8 @@ class Sampler(NamedTuple):
     schedule: the schedule kind it runs on ('linear_discrete', 'vp_continuous', 'sd_discrete').
     options: the keyword options it takes besides the schedule (`steps` for the continuous
       samplers is passed by `jaxee.sample` itself).
+    num_draws: `num_draws(schedule, **options) -> int`, the Gaussian draws a run takes (the
+      leading size of `noise=`); None for deterministic samplers (they take no `noise`).
   """
   name: str
   sample: Callable
@@ -47,16 +58,19 @@ class Sampler(NamedTuple):
   num_nfe: Callable
   schedule: str
   options: tuple = ()
+  num_draws: Optional[Callable] = None
 
 
 _REGISTRY = {
     "ddpm": Sampler("ddpm", samplers_discrete.ddpm_sample, samplers_discrete.nfe_times,
-                    samplers_discrete.num_nfe, "linear_discrete"),
+                    samplers_discrete.num_nfe, "linear_discrete", ("var_type",),
+                    samplers_discrete.num_draws_ddpm),
     "ddim": Sampler("ddim", samplers_discrete.ddim_sample, samplers_discrete.nfe_times,
-                    samplers_discrete.num_nfe, "linear_discrete", ("eta",)),
+                    samplers_discrete.num_nfe, "linear_discrete", ("eta", "grid"),
+                    samplers_discrete.num_draws_ddim),
     "euler_maruyama": Sampler("euler_maruyama", samplers_sde.euler_maruyama_sample,
                               samplers_sde.nfe_times, samplers_sde.num_nfe, "vp_continuous",
-                              ("eps", "T")),
+                              ("eps", "T"), samplers_sde.num_draws_sde),
     "euler_ode": Sampler("euler_ode", samplers_sde.euler_ode_sample, samplers_sde.nfe_times,
                          samplers_sde.num_nfe, "vp_continuous", ("eps", "T")),
     "dpm_solver": Sampler("dpm_solver", dpm_solver.dpm_solver_sample, dpm_solver.nfe_times_fast,

@@ -12,12 +12,17 @@ Reproduces U-ViT `sde.py` `euler_maruyama(rsde, x_init, sample_steps, eps=1e-3, 
 * `x <- x + drift (s - t)`, plus `g sqrt(t - s) z` for the SDE unless s == 0 (no noise on the
   last step).
 
+`euler_maruyama_sample` takes an optional `noise` (steps − 1, B, H, W, C): the `randn_like` draw
+of every step but the last, in loop order (`num_draws`), read by the scan as a per-step input
+instead of the per-step PRNG draw, so a recorded run of the original replays exactly.
+
 The per-step scalars are computed on the host in float32 with the original operation order.
 """
 import functools
 from typing import Any, Dict, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxee.diffusion import sampler_core
@@ -74,11 +79,22 @@ def num_nfe(sde: schedules.VPSDE, steps: int, **unused) -> int:
   return steps
 
 
-@functools.partial(jax.jit, static_argnames=("denoise", "ode"))
-def euler_loop(denoise, x, rng, cache, tables, ode: bool):
-  """The jitted Euler(-Maruyama) scan; returns (x_0, cache, stats)."""
+def num_draws_sde(sde: schedules.VPSDE, steps: int, **unused) -> int:
+  """Gaussian draws of a reverse-SDE run: one per step except the last (s = 0)."""
+  del sde, unused
+  return steps - 1
 
-  def body(carry, c):
+
+@functools.partial(jax.jit, static_argnames=("denoise", "ode"))
+def euler_loop(denoise, x, rng, cache, tables, ode: bool, noise=None):
+  """The jitted Euler(-Maruyama) scan; returns (x_0, cache, stats).
+
+  `noise`: None (SDE draws from `rng`) or (steps, B, H, W, C) draws, one per step (the last is
+  masked out by `noise_mask`).
+  """
+
+  def body(carry, xs):
+    c, z = xs
     x, cache, rng = carry
     out, cache, stats = sampler_core.call_denoiser(denoise, x, c["t_net"], c["step"], cache)
     score = c["score_scale"] * sampler_core.first_channels(out, x)
@@ -86,23 +102,27 @@ def euler_loop(denoise, x, rng, cache, tables, ode: bool):
     drift = f - 0.5 * (c["g2"] * score) if ode else f - c["g2"] * score
     x = x + drift * c["dt"]
     if not ode:
-      noise = sampler_core.step_noise(rng, c["step"], x)
-      x = x + c["noise_mask"] * (c["sigma"] * noise)
+      z = sampler_core.step_noise(rng, c["step"], x) if z is None else z
+      x = x + c["noise_mask"] * (c["sigma"] * z)
     return (x, cache, rng), stats
 
-  (x, cache, _), stats = jax.lax.scan(body, (x, cache, rng), tables)
+  (x, cache, _), stats = jax.lax.scan(body, (x, cache, rng), (tables, noise))
   return x, cache, stats
 
 
-def _sample(ode, denoise, sde, rng, x_T, shape, cache, steps, eps, T):
+def _sample(ode, denoise, sde, rng, x_T, shape, cache, steps, eps, T, noise=None):
   x, key = sampler_core.start_state(rng, x_T, shape)
   tables = sampler_core.as_jnp(step_tables(sde, steps, eps, T))
-  return euler_loop(denoise, x, key, cache, tables, ode=ode)
+  noise = sampler_core.check_noise(noise, num_draws_sde(sde, steps), x)
+  if noise is not None:  # the last step draws nothing: a zero row, masked out by noise_mask
+    noise = jnp.concatenate([noise, jnp.zeros_like(x)[None]])
+  return euler_loop(denoise, x, key, cache, tables, ode=ode, noise=noise)
 
 
 def euler_maruyama_sample(denoise, sde: schedules.VPSDE, rng, x_T=None, *, steps: int = 1000,
                           eps: float = 1e-3, T: float = 1.0,
-                          shape: Optional[Sequence[int]] = None, cache: Any = None):
+                          shape: Optional[Sequence[int]] = None, cache: Any = None,
+                          noise=None):
   """Reverse-SDE Euler--Maruyama (`sde.euler_maruyama(ReverseSDE(...))`).
 
   Args:
@@ -115,11 +135,13 @@ def euler_maruyama_sample(denoise, sde: schedules.VPSDE, rng, x_T=None, *, steps
     T: top of the grid.
     shape: start shape when `x_T` is None.
     cache: initial cache pytree.
+    noise: optional (steps − 1, B, H, W, C) standard normal draws, one per step but the last
+      (the original's `randn_like`, in loop order), used instead of the draws from `rng`.
 
   Returns:
     (x, cache, stats) with stats leaves of shape (steps,).
   """
-  return _sample(False, denoise, sde, rng, x_T, shape, cache, steps, eps, T)
+  return _sample(False, denoise, sde, rng, x_T, shape, cache, steps, eps, T, noise)
 
 
 def euler_ode_sample(denoise, sde: schedules.VPSDE, rng, x_T=None, *, steps: int = 50,

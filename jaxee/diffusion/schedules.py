@@ -76,7 +76,9 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
 
   Args:
     num_timesteps: length of the original chain (1000).
-    section_counts: `"ddimN"` (the smallest integer stride giving N steps), a comma-separated
+    section_counts: `"ddimN"` (the smallest integer stride giving N steps), `"linspaceN"`
+      (DuoDiff's DDIM grid `np.linspace(0, num_timesteps - 1, N).astype(int)`: float64 points,
+      truncated toward zero), a comma-separated
       string of per-section counts (e.g. `"250"` or `"10,15,20"`), or a list of counts. Each
       section of the chain keeps `round(cur)` with `cur` stepping by `(size-1)/(count-1)`
       (Python `round`: half to even).
@@ -91,6 +93,8 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
         if len(range(0, num_timesteps, stride)) == desired:
           return list(range(0, num_timesteps, stride))
       raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+    if section_counts.startswith("linspace"):
+      return linspace_timesteps(num_timesteps, int(section_counts[len("linspace"):]))
     section_counts = [int(x) for x in section_counts.split(",")]
   section_counts = list(section_counts)
   size_per = num_timesteps // len(section_counts)
@@ -108,6 +112,24 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Iterable[int]
       cur += frac_stride
     start_idx += size
   return sorted(kept)
+
+
+def linspace_timesteps(num_timesteps: int, count: int) -> List[int]:
+  """DuoDiff's DDIM grid (`sampler.py`): `np.linspace(0, T - 1, count).astype(int)`, ascending.
+
+  The points are float64 and truncated toward zero (`astype(int)`); the original walks them in
+  reverse and stops at index 0 (see `samplers_discrete.ddim_sample`, `grid='duodiff'`).
+
+  Args:
+    num_timesteps: length of the original chain T (1000).
+    count: number of grid points N, 2 <= N <= T (the points are then distinct).
+
+  Returns:
+    The N kept original indices, sorted ascending (first 0, last T - 1).
+  """
+  if not 2 <= count <= num_timesteps:
+    raise ValueError(f"the linspace grid needs 2 <= N <= {num_timesteps} points, got {count}")
+  return [int(v) for v in np.linspace(0, num_timesteps - 1, count).astype(int)]
 
 
 VAR_TYPES = ("learned_range", "fixed_large", "fixed_small")

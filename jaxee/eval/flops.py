@@ -127,8 +127,20 @@ def full_block_flops(model: Any) -> float:
   return (n_in + 1) * block_flops(model) + n_in * block_flops(model, "out_block")
 
 
+def conv_flops(out_size: int, kernel: int, c_in: int, c_out: int) -> float:
+  """A k×k conv producing an out_size² map: an (HW × k²C_in)·(k²C_in × C_out) product."""
+  return _mm(out_size * out_size, kernel * kernel * c_in, c_out)
+
+
+def spatial_attn_flops(tokens: int, channels: int) -> float:
+  """U-Net attention over N pixels of C channels: q, k, v, out projections, QKᵀ and AV."""
+  return 4 * _mm(tokens, channels, channels) + 2 * _mm(tokens, channels, tokens)
+
+
 def backbone_flops(model: Any) -> float:
   """One full forward pass per sample: embedding + all blocks + head."""
+  if model.family == "unet":  # per-unit formulas in `jaxee/models/unet_units.py`
+    return model.backbone("block").full_flops
   return embed_flops(model) + full_block_flops(model) + head_flops(model)
 
 

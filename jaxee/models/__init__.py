@@ -1,11 +1,13 @@
-"""Backbones: DiT and U-ViT (exact ports of the originals) and the SD VAE.
+"""Backbones: DiT, U-ViT and the DDPM U-Net (exact ports of the originals) and the SD VAE.
 
 `create(arch, **overrides)` builds a module; `module.apply({'params': p}, x, t, y)` is the exact
 original forward on NHWC arrays.
 """
 from jaxee.models.dit import DiT, DiTBlock
-from jaxee.models.registry import UVIT_PRESETS, create, from_config, list_archs, model_config
+from jaxee.models.registry import (UNET_PRESETS, UVIT_PRESETS, create, from_config, list_archs,
+                                   model_config, unet_config_json)
+from jaxee.models.unet import UNet
 from jaxee.models.uvit import UViT, UViTBlock
 
-__all__ = ["DiT", "DiTBlock", "UViT", "UViTBlock", "UVIT_PRESETS", "create", "from_config",
-           "list_archs", "model_config"]
+__all__ = ["DiT", "DiTBlock", "UNet", "UNET_PRESETS", "UViT", "UViTBlock", "UVIT_PRESETS",
+           "create", "from_config", "list_archs", "model_config", "unet_config_json"]

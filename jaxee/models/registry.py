@@ -8,15 +8,22 @@ Arch names:
   `uvit_s4_celeba64`, `uvit_m4_imagenet64`, `uvit_l4_imagenet64`, `uvit_l2_imagenet256`,
   `uvit_h2_imagenet256`, `uvit_l4_imagenet512`, `uvit_h4_imagenet512`.
 
+- `unet`: the generic DDPM U-Net (diffusers `UNet2DModel` `config.json` keys as overrides);
+  presets for the released DDPM checkpoints: `unet_ddpm_cifar10` (`google/ddpm-cifar10-32`),
+  `unet_ddpm_church256`, `unet_ddpm_bedroom256` (`google/ddpm-{church,bedroom}-256`).
+
 Overrides use the original constructors' keyword names (`input_size`, `num_classes`, `img_size`,
 `conv`, ...); an unknown keyword is an error that lists the valid ones.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 from jaxee.models.dit import DIT_CONFIGS, DiT
+from jaxee.models.unet import UNet, config_from_diffusers
 from jaxee.models.uvit import UViT
 
 _UVIT_COMMON = dict(mlp_ratio=4, qkv_bias=False, mlp_time_embed=False)
@@ -54,12 +61,32 @@ for _preset in UVIT_PRESETS.values():
     _preset.setdefault(_k, _v)
 
 
+# The released DDPM checkpoints' `config.json` (diffusers `UNet2DModel`): attention at 16².
+_DDPM_COMMON = dict(in_channels=3, out_channels=3, center_input_sample=False,
+                    time_embedding_type="positional", freq_shift=1, flip_sin_to_cos=False,
+                    layers_per_block=2, mid_block_scale_factor=1, downsample_padding=0,
+                    act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6,
+                    default_schedule="linear_discrete")
+_DDPM_256 = dict(sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
+                 down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "unet_ddpm_cifar10": dict(
+        _DDPM_COMMON, sample_size=32, block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    "unet_ddpm_church256": dict(_DDPM_COMMON, **_DDPM_256),
+    "unet_ddpm_bedroom256": dict(_DDPM_COMMON, **_DDPM_256),
+}
+
+
 def _fields(cls) -> set[str]:
   return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
 
 
 def list_archs() -> list[str]:
-  return sorted(DIT_CONFIGS) + ["dit", "uvit"] + sorted(UVIT_PRESETS)
+  return sorted(DIT_CONFIGS) + ["dit", "uvit", "unet"] + sorted(UVIT_PRESETS) + sorted(
+      UNET_PRESETS)
 
 
 def _kwargs_for(arch: str) -> tuple[type, dict[str, Any]]:
@@ -72,6 +99,10 @@ def _kwargs_for(arch: str) -> tuple[type, dict[str, Any]]:
     return UViT, {}
   if arch in UVIT_PRESETS:
     return UViT, dict(UVIT_PRESETS[arch])
+  if arch == "unet":
+    return UNet, {}
+  if arch in UNET_PRESETS:
+    return UNet, dict(UNET_PRESETS[arch])
   raise ValueError(f"unknown arch {arch!r}; known: {', '.join(list_archs())}")
 
 
@@ -83,7 +114,23 @@ def create(arch: str, **overrides: Any):
     raise ValueError(f"unknown option(s) {unknown} for arch {arch!r}; valid: "
                      f"{sorted(_fields(cls))}")
   kwargs.update(overrides)
-  return cls(**kwargs)
+  model = cls(**kwargs)
+  if cls is UNet:
+    model.validate()
+  return model
+
+
+def unet_config_json(src: Any, arch: str = "unet") -> dict[str, Any]:
+  """`UNet` overrides from a diffusers `config.json` (a path or an already-loaded dict)."""
+  if _kwargs_for(arch)[0] is not UNet:
+    raise ValueError(f"a diffusers config.json applies to the U-Net archs, not {arch!r}")
+  if isinstance(src, (str, os.PathLike)):
+    with open(src, encoding="utf-8") as f:
+      src = json.load(f)
+  name = src.get("_class_name", "UNet2DModel")
+  if name != "UNet2DModel":
+    raise ValueError(f"config.json is for {name!r}, not UNet2DModel")
+  return config_from_diffusers(src)
 
 
 def model_config(model) -> dict[str, Any]:
@@ -102,7 +149,7 @@ def from_config(config: dict[str, Any]):
   """Rebuilds a backbone from `model_config(model)` (e.g. the JSON written by the converter)."""
   config = dict(config)
   name = config.pop("class", None)
-  classes = {"DiT": DiT, "UViT": UViT}
+  classes = {"DiT": DiT, "UViT": UViT, "UNet": UNet}
   if name not in classes:
     raise ValueError(f"model config has unknown class {name!r}; expected one of {list(classes)}")
   config.pop("dtype", None)

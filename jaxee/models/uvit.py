@@ -6,7 +6,8 @@ pushed on a stack, one mid block, depth//2 out-blocks that pop the stack (LIFO) 
 `skip_linear` to `concat[x, skip]` (current stream first), pre-LN attention and MLP (LayerNorm eps
 1e-5 with affine, exact-erf GELU, no qkv bias by default), final LN, `decoder_pred`, drop the extra
 tokens, unpatchify, optional 3×3 conv. See `shared/research/dit_uvit.md` Part B. Inputs and
-outputs are NHWC; `t` is what the original network receives (999·t continuous, 1000·t discrete).
+outputs are NHWC; `t` is what the original network receives (999·t continuous, 1000·t discrete;
+DuoDiff's linear chain: the integer t, divided by 1000 inside when `normalize_timesteps`).
 
 In-/out-block params are stacked under `params['in_blocks']` / `params['out_blocks']`.
 """
@@ -80,6 +81,10 @@ class UViT(nn.Module):
   num_classes: int = -1
   conv: bool = True
   default_schedule: str = "vp_continuous"
+  # DuoDiff's `normalize_timesteps` (its CIFAR-10/CelebA configs): the forward divides the time it
+  # is given by 1000 (`timesteps.float() / 1000`) before the sinusoid, so the chain's integer
+  # t in {0..999} reaches the embedding as t/1000. False: t as given (every other setting).
+  normalize_timesteps: bool = False
   cfg_null_class: Optional[int] = None  # set by presets whose label table has a null row
   dtype: Dtype = None
   attn_impl: str = "xla"
@@ -151,6 +156,8 @@ class UViT(nn.Module):
                        f"{self.in_chans}) NHWC, got {x.shape}")
     patches = self.patch_embed(x)
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
+    if self.normalize_timesteps:
+      t = t.astype(jnp.float32) / 1000.0
     time_token = layers.timestep_embedding(t, self.embed_dim).astype(patches.dtype)
     if self.mlp_time_embed:
       time_token = self.time_embed_2(nn.silu(self.time_embed_0(time_token)))

@@ -152,22 +152,38 @@ def _section(values: Dict[str, Any], overrides: Dict[str, Any], name: str):
   return section
 
 
+# `config.ase` defaults other than the required `schedule`: the one place they are defined
+# (`ase_section` below, and the keyword defaults of `objectives.ase.make_ase_loss`).
+ASE_DEFAULTS: Dict[str, Any] = dict(
+    custom_schedule=None,                  # 10 block counts instead of a name (tuple)
+    scale_to_model=False,                  # rescale the table to the model's depth
+    time_schedule=None,                    # τ convention (None: the model's)
+    loss="auto",                           # 'hybrid' | 'simple' | 'auto' (see below)
+    lambda_boost=2.0,                      # γ of λ_i = 1 + γ·(1 − n_i/capacity)
+    lambda_mode="plateau",                 # 'plateau' | 'cycle' | 'constant'
+    cycle_length=10_000,                   # C, steps of the boosted phase ('cycle')
+    cycle_repeat=False,
+    plateau_window=1_000,                  # steps per plateau comparison (>= log_every)
+    plateau_patience=3,
+    plateau_rel_tol=1e-3,
+    freeze_time_embedder=True,             # `train_dit.sh --freeze_time_embedder`
+)
+
+
 def ase_section(schedule: str, **overrides: Any) -> config_dict.ConfigDict:
-  """`config.ase` (§5.1; λ(t) fields are jaxee's reading of Alg. 1, see `objectives/ase.py`)."""
-  return _section(dict(
-      schedule=schedule,                     # table name, e.g. 'D3-DiT', 'D6-U-ViT'
-      custom_schedule=config_dict.placeholder(tuple),  # 10 block counts instead of a name
-      scale_to_model=False,                  # rescale the table to the model's depth
-      time_schedule=config_dict.placeholder(str),      # τ convention (None: the model's)
-      lambda_boost=2.0,                      # λ on the dropped (noise-side) intervals
-      lambda_mode="plateau",                 # 'plateau' | 'cycle' | 'constant'
-      cycle_length=10_000,                   # C, steps of the boosted phase ('cycle')
-      cycle_repeat=False,
-      plateau_window=1_000,                  # steps per plateau comparison (>= log_every)
-      plateau_patience=3,
-      plateau_rel_tol=1e-3,
-      freeze_time_embedder=True,             # `train_dit.sh --freeze_time_embedder`
-  ), overrides, "ase")
+  """`config.ase` (§5.1; the λ(t) fields are jaxee's reading of Alg. 1, `objectives/ase.py`).
+
+  λ(t) during the boosted phase is λ_i = 1 + `lambda_boost`·(1 − n_i/capacity) on interval i
+  (n_i blocks run out of the model's droppable `capacity`), 1 after it ('cycle': after C =
+  `cycle_length` steps; 'plateau': once the loss plateaus; 'constant': never). `loss` states
+  the diffusion loss: 'hybrid' (ε-MSE + VLB, needs a learned-σ model on the discrete chain:
+  DiT), 'simple' (L_simple ε-MSE: a model without a σ output, e.g. U-ViT, for which the hybrid
+  loss reduces to it) or 'auto' (whichever the model supports); a mismatch is a config error.
+  """
+  values = dict(schedule=schedule, **ASE_DEFAULTS)
+  values["custom_schedule"] = config_dict.placeholder(tuple)
+  values["time_schedule"] = config_dict.placeholder(str)
+  return _section(values, overrides, "ase")
 
 
 def deediff_section(threshold: float, **overrides: Any) -> config_dict.ConfigDict:

@@ -6,8 +6,10 @@
 `jaxee/train/objectives/` with its recipe (`research/ee_methods.md` §1.7, §2.4–2.5, §3.2):
 
 * 'ase' (`config.ase`): ASE fine-tuning of the whole backbone with per-sample truncation at the
-  schedule depth, the hybrid loss with learned σ, λ(t) re-weighting (cycle of C steps or a
-  plateau test), optionally the time embedder frozen (`t_embedder/.*`, `train_dit.sh`).
+  schedule depth, the hybrid loss with learned σ (DiT) or L_simple (U-ViT, no σ output;
+  `config.ase.loss`), graded λ(t) = 1 + γ·(dropped fraction) re-weighting until a cycle of C
+  steps ends or a plateau test fires, optionally the time embedder frozen (`t_embedder/.*`,
+  `train_dit.sh`).
   Export: the EMA weights (`WORKDIR/export`, a converted checkpoint) and `ase_plan.json`.
 * 'deediff' (`config.deediff`): heads + UEMs on top of the backbone; params
   `{'backbone', 'deediff'}`; `freeze_backbone` (the public recipe) freezes `backbone/.*`.
@@ -99,9 +101,16 @@ def _validate_ase(config, model, p: list) -> None:
   if a.lambda_mode not in ase_obj.LAMBDA_MODES:
     p.append(f"config.ase.lambda_mode {a.lambda_mode!r} unknown; choose from "
              f"{ase_obj.LAMBDA_MODES}")
-  if float(a.lambda_boost) < 1.0:
-    p.append(f"config.ase.lambda_boost must be >= 1 (λ on dropped intervals), got "
+  if float(a.lambda_boost) < 0.0:
+    p.append(f"config.ase.lambda_boost must be >= 0 (γ of λ = 1 + γ·dropped fraction), got "
              f"{a.lambda_boost}")
+  if a.loss not in ase_obj.LOSS_KINDS:
+    p.append(f"config.ase.loss {a.loss!r} unknown; choose from {ase_obj.LOSS_KINDS}")
+  elif model is not None:
+    try:
+      ase_obj.resolve_loss(a.loss, model, _field(config, "loss.schedule"))
+    except ValueError as e:
+      p.append(f"config.ase.loss: {e}")
   if a.lambda_mode == "cycle" and int(a.cycle_length) <= 0:
     p.append("config.ase.cycle_length must be > 0 with lambda_mode='cycle'")
   for name in ("plateau_window", "plateau_patience"):
@@ -245,6 +254,7 @@ def _loss_section(config):
 
 def _build_ase(config, model, params, rng) -> MethodSetup:
   del rng
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from jaxee.train.objectives import ase as ase_obj  # pylint: disable=g-import-not-at-top
   a = config.ase
   plan = _ase_schedule(a, model)
@@ -252,8 +262,14 @@ def _build_ase(config, model, params, rng) -> MethodSetup:
   mode = a.lambda_mode
   loss_fn = ase_obj.make_ase_loss(
       model, plan, boost=float(a.lambda_boost), lambda_mode=mode,
-      cycle_length=int(a.cycle_length), cycle_repeat=bool(a.cycle_repeat), schedule=schedule,
-      label_dropout=label_dropout)
+      cycle_length=int(a.cycle_length), cycle_repeat=bool(a.cycle_repeat), loss=a.loss,
+      schedule=schedule, label_dropout=label_dropout)
+  lam = ase_obj.ase_lambda_table(plan, model, float(a.lambda_boost))
+  logging.info("ASE %s (%s loss): boosted λ per interval %s", plan.name,
+               ase_obj.resolve_loss(a.loss, model, schedule), np.round(lam, 3).tolist())
+  if float(a.lambda_boost) > 0 and np.ptp(lam) == 0:
+    logging.warning("ASE schedule %s is constant over t on this model, so λ(t) is a constant "
+                    "%.3g (no time re-weighting)", tuple(plan.schedule), float(lam[0]))
   frozen = []
   if a.freeze_time_embedder:
     pattern = as_backbone(model).time_embedder_pattern

@@ -12,6 +12,9 @@ from typing import Any, Optional
 from jaxee.models.backbone import as_backbone
 from jaxee.train.objectives import diffusion as diffusion_obj
 
+# DuoDiff trains its class-conditional (ImageNet) backbones without label dropout.
+DEFAULT_LABEL_DROPOUT = 0.0
+
 
 def make_duodiff_loss(shallow_model, *, schedule=None,
                       label_dropout: Optional[float] = None) -> diffusion_obj.LossFn:
@@ -19,7 +22,13 @@ def make_duodiff_loss(shallow_model, *, schedule=None,
 
   With a U-ViT whose `default_schedule` is 'linear_discrete' (DuoDiff's linear β chain, t in
   {0..999}) this is exactly DuoDiff's ε-MSE `_loss_fn`; a learned-σ DiT also gets the VLB term.
+
+  Labels: DuoDiff's `trainer.py` feeds the ImageNet models their true labels at every step (no
+  classifier-free label dropout), so `label_dropout=None` means 0 here, not the backbone's CFG
+  rate; set `config.loss.label_dropout` to train with dropout anyway.
   """
+  if label_dropout is None:
+    label_dropout = DEFAULT_LABEL_DROPOUT
   return diffusion_obj.make_diffusion_loss(shallow_model, schedule=schedule,
                                            label_dropout=label_dropout)
 
