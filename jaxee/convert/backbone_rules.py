@@ -182,14 +182,26 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model, *,
       missing.append(f"{'/'.join(path)} rows {rows}")
   if model.family == "dit" and "pos_embed" not in state_dict:
     missing.append("pos_embed")
-  if missing or unexpected or problems:
-    lines = [f"{source} does not match {type(model).__name__} "
-             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(problems)} other; "
-             f"the checkpoint looks like: {_family_hint(state_dict)})"]
-    lines += [f"  missing: {m}" for m in missing]
-    lines += [f"  unexpected: {u} {tuple(np.shape(state_dict[u]))}" for u in unexpected]
-    lines += [f"  {p}" for p in problems]
-    raise CheckpointError("\n".join(lines))
+  raise_mismatch(source, f"{type(model).__name__}", missing, unexpected, problems, state_dict,
+                 f"the checkpoint looks like: {_family_hint(state_dict)}")
+  return nest(filled)
+
+
+def raise_mismatch(source: str, target: str, missing, unexpected, problems, state_dict,
+                   note: str) -> None:
+  """One `CheckpointError` listing every missing key, unexpected key and other problem."""
+  if not (missing or unexpected or problems):
+    return
+  lines = [f"{source} does not match {target} ({len(missing)} missing, {len(unexpected)} "
+           f"unexpected, {len(problems)} other; {note})"]
+  lines += [f"  missing: {m}" for m in missing]
+  lines += [f"  unexpected: {u} {tuple(np.shape(state_dict[u]))}" for u in unexpected]
+  lines += [f"  {p}" for p in problems]
+  raise CheckpointError("\n".join(lines))
+
+
+def nest(filled: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """{('a', 'b', 'kernel'): v} → {'a': {'b': {'kernel': v}}}."""
   out: dict[str, Any] = {}
   for path, value in filled.items():
     node = out

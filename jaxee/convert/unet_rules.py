@@ -19,7 +19,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxee.convert import backbone_rules
-from jaxee.convert.errors import CheckpointError
 
 # The Flax leaf for a torch leaf, and the weight transposes, are the DiT/U-ViT ones.
 _flax_leaf_for = backbone_rules._flax_leaf_for  # pylint: disable=protected-access
@@ -75,21 +74,10 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model, *,
     filled[path], origin[path] = value, key
   # A path with a shape mismatch is reported there, not again as missing.
   missing = ["/".join(p) for p in expected if p not in filled and p not in mismatched]
-  if missing or unexpected or problems:
-    lines = [f"{source} does not match {type(model).__name__} "
-             f"({model_summary(model)}): {len(missing)} missing, {len(unexpected)} unexpected, "
-             f"{len(problems)} other"]
-    lines += [f"  missing: {_torch_name(m)}" for m in missing]
-    lines += [f"  unexpected: {u} {tuple(np.shape(state_dict[u]))}" for u in unexpected]
-    lines += [f"  {p}" for p in problems]
-    raise CheckpointError("\n".join(lines))
-  out: dict[str, Any] = {}
-  for path, value in filled.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return out
+  backbone_rules.raise_mismatch(source, f"{type(model).__name__} ({model_summary(model)})",
+                                [_torch_name(m) for m in missing], unexpected, problems,
+                                state_dict, "diffusers UNet2DModel layout")
+  return backbone_rules.nest(filled)
 
 
 def _torch_name(flax_path: str) -> str:

@@ -26,8 +26,9 @@ ASE_PLAN_FILE = "ase_plan.json"
 DEEDIFF_FILE = "deediff_heads.npz"
 
 
-def _param_path(path) -> str:
-  """The `/`-joined name of a pytree key path (as `jaxee.train.optim.param_path`)."""
+def param_path(path, sep: str = "/") -> str:
+  """The `sep`-joined name of a pytree key path (dict keys, attribute names, sequence indices),
+  e.g. `blocks/attn/qkv/kernel`; the one spelling of parameter names in files and logs."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -36,12 +37,12 @@ def _param_path(path) -> str:
         break
     else:
       parts.append(str(k))
-  return "/".join(parts)
+  return sep.join(parts)
 
 
 def save_deediff_heads(path, ee_params: Any, *, threshold: float, uem: str) -> str:
   """Writes DeeDiff heads/UEMs and their θ/UEM kind to `path` (`.npz`, atomically)."""
-  flat = {_param_path(k): np.asarray(v)
+  flat = {param_path(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(ee_params)[0]}
   meta = json.dumps({"threshold": float(threshold), "uem": uem})
   atomic_io.atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta), **flat))

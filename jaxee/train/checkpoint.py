@@ -39,6 +39,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxee.exits import io as plan_io
+
 PyTree = Any
 FORMAT = "jaxee-train-v1"
 STATE_ITEM = "state"
@@ -59,15 +61,7 @@ class CorruptCheckpointError(RuntimeError):
 
 def leaf_name(path) -> str:
   """`.`-joined name of a pytree key path (dict keys, attribute names, sequence indices)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+  return plan_io.param_path(path, ".")
 
 
 def to_host(tree: PyTree) -> PyTree:

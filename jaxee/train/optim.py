@@ -22,6 +22,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import jax
 import optax
 
+from jaxee.exits import io as plan_io
+
 PyTree = Any
 
 TRAINABLE = "trainable"
@@ -43,16 +45,8 @@ def config_get(config, name: str, default=None):
 
 
 def param_path(path) -> str:
-  """The `/`-joined name of a pytree key path (`blocks/attn/qkv/kernel`)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  """The `/`-joined name of a pytree key path (`blocks/attn/qkv/kernel`; `jaxee.exits.io`)."""
+  return plan_io.param_path(path, "/")
 
 
 def _compile(patterns: Union[str, Iterable[str], None]) -> Sequence[re.Pattern]:
