@@ -76,7 +76,7 @@ def _first_call_seconds(model, params, plan, steps, **kw):
 
 def test_compile_time_with_a_plan_is_at_most_twice_without():
   # First calls (trace + lower + compile + a tiny run) with fresh step counts, so every call
-  # compiles; best of two per variant, measured alternately to share the machine's load.
+  # compiles; best of three per variant, measured alternately to share the machine's load.
   model, params = testing.tiny_dit(depth=4)
   shallow, shallow_p = testing.tiny_dit(rng=jax.random.PRNGKey(9), depth=1)
   kw = dict(labels=jnp.array([1]), guidance=1.5)
@@ -91,7 +91,10 @@ def test_compile_time_with_a_plan_is_at_most_twice_without():
   }
   deediff_plan, _ = deediff.benchmark_plan(model, params, jax.random.PRNGKey(3))
   best = {k: float("inf") for k in variants}
-  for steps in (5, 6):
+  # Best of three fresh step counts per variant: a parallel test run can slow any single first
+  # call by 2× on the 2-core CI machine (DeeDiff measured 2.1× once in CI; alone 1.2–1.7×, as in
+  # the pre-refactor tree).
+  for steps in (5, 6, 7):
     for name, make in variants.items():
       plan, p = make(steps)
       best[name] = min(best[name], _first_call_seconds(model, p, plan, steps, **kw))
