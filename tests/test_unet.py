@@ -132,6 +132,19 @@ def test_cli_converts_a_unet(tmp_path, tiny, capsys):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
 
 
+def test_cli_reads_a_model_folders_config_json(tmp_path, tiny, capsys):
+  root, model, params, _ = tiny
+  argv = ["--arch", "unet", "--src", str(root / "unet_ddpm_tiny.safetensors"), "--out",
+          str(tmp_path / "ck"), "--config-json", str(root / "unet_ddpm_tiny_config.json")]
+  assert cli.main(argv) == 0, capsys.readouterr().err
+  loaded_model, loaded = convert.load_converted(tmp_path / "ck")
+  assert loaded_model == model
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
+  # Without the config the generic `unet` defaults do not fit the weights: a clear refusal.
+  assert cli.main(argv[:-2] + ["--out", str(tmp_path / "ck2")]) == 2
+  assert "does not match" in capsys.readouterr().err
+
+
 def test_units_compose_to_the_exact_forward(tiny):
   _, model, params, io = tiny
   bb = bb_lib.as_backbone(model, "block")

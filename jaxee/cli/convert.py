@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="which weights of a training checkpoint to convert")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --out that is a converted checkpoint")
+  parser.add_argument("--config-json", default=None, metavar="PATH",
+                      help="U-Net archs: a diffusers config.json (e.g. beside the weights of a "
+                           "downloaded model folder); --set overrides it")
   parser.add_argument("--allow-nonfinite", action="store_true",
                       help="convert even if some weights are NaN/Inf (warns, naming them)")
   args = parser.parse_args(argv)
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, **overrides)
       model = vae_lib.AutoencoderKL(config)
     else:
-      model = models.create(args.arch, **parse_overrides(args.set))
+      overrides = parse_overrides(args.set)
+      if args.config_json:
+        overrides = {**models.unet_config_json(args.config_json, args.arch), **overrides}
+      model = models.create(args.arch, **overrides)
       params = backbone_rules.params_from_state_dict(state, model, source=os.fspath(args.src))
     out = orbax_io.save_converted(
         args.out, model, params, overwrite=args.overwrite,
