@@ -42,6 +42,10 @@ def check_sampler(model, sampler: str, schedule: Any = None, options: Optional[d
   """Raises a clear ValueError unless `sampler` runs on the model's (or the given) schedule and
   takes `options` (`jaxee.validation.check_sampler_schedule` names the accepted samplers)."""
   validation.check_sampler_schedule(model, sampler, schedule)
+  _check_options(sampler, options)
+
+
+def _check_options(sampler: str, options: Optional[dict]) -> None:
   spec = samplers_lib.get_sampler(sampler)
   unknown = sorted(set(options or {}) - set(spec.options))
   if unknown:
@@ -200,9 +204,9 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     per-NFE arrays (`blocks`: mean blocks run per sample, `flops`: FLOPs per sample; plans
     may add more) plus `nfe_times` when `return_stats=True`.
   """
-  check_sampler(model, sampler, schedule, sampler_options)
   steps = validation.check_sample_args(model, num=num, labels=labels, guidance=guidance,
                                        sampler=sampler, steps=steps, schedule=schedule)
+  _check_options(sampler, sampler_options)
   shape = tuple(as_backbone(model).input_shape)
   if x_T is None:
     if num is None:

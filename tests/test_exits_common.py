@@ -1,7 +1,7 @@
 """Shared exit-plan pieces: stats from every sampler run, FLOPs tables, compile time, tools."""
 import importlib.util
 import pathlib
-import time
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from jaxee.exits import duodiff
 from jaxee.exits import mask_tools
 from jaxee.exits import masks
 from jaxee.exits import plan as plan_lib
+from jaxee import sampling
 from jaxee import testing
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
@@ -67,39 +68,32 @@ def test_full_plan_matches_plain_sampling():
   np.testing.assert_array_equal(stats["blocks"], [7] * 3)
 
 
-def _first_call_seconds(model, params, plan, steps, **kw):
-  t0 = time.perf_counter()
-  jax.block_until_ready(jaxee.sample(model, params, jax.random.PRNGKey(0), num=1,
-                                     sampler="ddim", steps=steps, plan=plan, **kw))
-  return time.perf_counter() - t0
+def _compiled_instructions(model, params, plan, steps: int, guided: bool) -> int:
+  """Instructions in the compiled sampler program (a deterministic proxy for compile cost)."""
+  sched = sampling.default_schedule(model, "ddim", steps)
+  fn, _ = sampling._compiled(model, "ddim", steps, sampling._schedule_key(sched), guided, ())  # pylint: disable=protected-access
+  hlo = fn.lower(params, plan, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.array([1]),
+                 jnp.float32(1.5)).compile().as_text()
+  return sum(1 for line in hlo.splitlines() if re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line))
 
 
-def test_compile_time_with_a_plan_is_at_most_twice_without():
-  # First calls (trace + lower + compile + a tiny run) with fresh step counts, so every call
-  # compiles; best of three per variant, measured alternately to share the machine's load.
+def test_program_with_a_plan_is_at_most_twice_the_full_program():
+  # Compile cost follows program size; its wall-clock measurement is a tool's job
+  # (`tools/bench_exits.py` reports `compile_s`), not a test's. Every plan kind's compiled
+  # sampler (DDIM-5 with CFG, depth-4 DiT) has at most twice the full model's instructions.
   model, params = testing.tiny_dit(depth=4)
   shallow, shallow_p = testing.tiny_dit(rng=jax.random.PRNGKey(9), depth=1)
-  kw = dict(labels=jnp.array([1]), guidance=1.5)
-  d7 = ase.ase_plan("D7-DiT", depth=4)  # 4 distinct depths → a 4-branch switch
-  variants = {
-      "full": lambda s: (None, params),
-      "ase": lambda s: (d7, params),
-      "mask": lambda s: (masks.MaskPlan(mask_tools.keep_fraction_mask(s, 4, 0.5)), params),
-      "duodiff": lambda s: (duodiff.DuoDiffPlan(shallow, t_switch=300),
-                            duodiff.pack_params(params, shallow_p)),
-      "deediff": lambda s: (deediff_plan, params),
-  }
   deediff_plan, _ = deediff.benchmark_plan(model, params, jax.random.PRNGKey(3))
-  best = {k: float("inf") for k in variants}
-  # Best of three fresh step counts per variant: a parallel test run can slow any single first
-  # call by 2× on the 2-core CI machine (DeeDiff measured 2.1× once in CI; alone 1.2–1.7×, as in
-  # the pre-refactor tree).
-  for steps in (5, 6, 7):
-    for name, make in variants.items():
-      plan, p = make(steps)
-      best[name] = min(best[name], _first_call_seconds(model, p, plan, steps, **kw))
+  plans = {
+      "full": plan_lib.FullPlan(),
+      "ase": ase.ase_plan("D7-DiT", depth=4),
+      "mask": masks.MaskPlan(mask_tools.keep_fraction_mask(5, 4, 0.5)),
+      "duodiff": duodiff.DuoDiffPlan(shallow, shallow_p, t_switch=300),
+      "deediff": deediff_plan,
+  }
+  size = {k: _compiled_instructions(model, params, p, 5, True) for k, p in plans.items()}
   for name in ("ase", "mask", "duodiff", "deediff"):
-    assert best[name] <= 2.0 * best["full"], (name, best)
+    assert size["full"] < size[name] <= 2.0 * size["full"], (name, size)
 
 
 def test_plan_specs():

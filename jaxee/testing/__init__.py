@@ -20,9 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxee import models
-from jaxee.exits import ase as ase_lib
-from jaxee.exits import duodiff as duodiff_lib
-from jaxee.exits import masks as masks_lib
 from jaxee.testing import family_ops as ops  # noqa: F401
 from jaxee.testing.references import (ReferencePlan, block_mask_rows,  # noqa: F401
                                       reference_masked, reference_prefix)
