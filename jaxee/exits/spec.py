@@ -201,10 +201,3 @@ def referenced_files(spec: Optional[str]) -> list[pathlib.Path]:
     elif part.endswith((".npz", ".json")) and kind not in ("ase", "duodiff"):
       out.append(pathlib.Path(part).expanduser())
   return out
-
-
-def describe(plan) -> str:
-  """A short name for logs and reports."""
-  if plan is None:
-    return "full"
-  return str(getattr(plan, "name", type(plan).__name__))

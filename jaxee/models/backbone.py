@@ -208,10 +208,6 @@ class Backbone:
     state = self.enter(params, ref, state)
     return self.apply(params, ref, state, self.compute(params, ref, state))
 
-  def forward(self, params, x, t, y=None) -> jax.Array:
-    """The exact full forward (`module.apply`)."""
-    return self.module.apply({"params": params}, x, t, y)
-
   # ---- helpers for extra heads (DeeDiff) ------------------------------------------------------
   def exit_head_module(self):
     """A fresh module shaped like the backbone head: `m.apply(p, tokens, ctx) -> out`."""
@@ -345,14 +341,6 @@ def cache_set(bb: Backbone, cache, ref: UnitRef, value):
   k = segment_of(bb, ref)
   arr = jax.lax.dynamic_update_index_in_dim(cache[k], value, ref.index - ref.segment.start, 0)
   return cache[:k] + (arr,) + cache[k + 1:]
-
-
-def unit_table(bb: Backbone, values_per_unit) -> np.ndarray:
-  """A host float64 table (U,) checked against the number of units."""
-  arr = np.asarray(values_per_unit, np.float64)
-  if arr.shape != (bb.num_units,):
-    raise ValueError(f"expected {bb.num_units} per-unit values, got shape {arr.shape}")
-  return arr
 
 
 def take_prefix(stack: Any, n: int) -> Any:
