@@ -117,6 +117,15 @@ def test_plan_specs():
       "ase:D3-DiT", "ase:1,2,3,4,5,6,7,8,9,9", "mask:skip=0.5"]
   assert bench.split_plans(["duodiff:300:random=3+mask:skip=0.5", "full"]) == [
       "duodiff:300:random=3+mask:skip=0.5", "full"]
+  # The paired-round estimator: a deterministic bootstrap interval around the median ratio,
+  # narrower for steadier rounds; the efficiency half-width is that width over the ideal saving.
+  steady, noisy = [0.70, 0.71, 0.69, 0.70, 0.70, 0.71, 0.69], [0.5, 0.9, 0.7, 0.6, 0.8, 0.7, 0.95]
+  lo, hi = bench.bootstrap_median_ci(steady, 500)
+  assert lo <= 0.70 <= hi and (lo, hi) == bench.bootstrap_median_ci(steady, 500)
+  nlo, nhi = bench.bootstrap_median_ci(noisy, 500)
+  assert nhi - nlo > 5 * (hi - lo)
+  rec = {"plan": steady, "full": [1.0] * 7}
+  assert bench.ci_halfwidth(rec, 0.3, 500) == pytest.approx((hi - lo) / 2 / 0.3)
 
 
 def test_plot_exits_writes_a_png(tmp_path):

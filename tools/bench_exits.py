@@ -12,21 +12,26 @@ and compositions joined with '+'. Several plans are separated by ';' (or repeat 
 are random (timing does not depend on their values; DiT's zero-initialised adaLN is perturbed so
 no block is an identity).
 
-Protocol: every variant (the full model, then each plan) is called once (trace + compile + run)
-and `--warmup` more times untimed; then `--repeats` rounds call every variant once each, in a
-rotating order, each call ended by `jax.block_until_ready`. Times are medians over rounds.
-Prints one JSON object per plan:
+Protocol (paired, adaptive): every variant (the full model, then each plan) is called once
+(trace + compile + run) and `--warmup` more times untimed. Then rounds: in each round, for every
+plan, the full model and the plan are called back to back (order alternating between rounds), each
+call ended by `jax.block_until_ready`; the round's ratio plan_s / full_s compares two calls a few
+hundred milliseconds apart, so slow drifts of the machine's load cancel. The estimate is the
+median of the per-round ratios, with a bootstrap 95 % interval of that median (`--bootstrap`
+resamples of the rounds). Rounds continue from `--repeats` up to `--max-repeats` until every
+plan's interval of the *efficiency* is narrower than ±`--target-halfwidth` (default 0.025, so two
+runs agree within ±0.05) or `--budget-s` seconds of timing have passed. Prints one JSON object per
+plan:
 
-    {"plan", "ideal_saving", "realized_saving", "efficiency", "full_s", "plan_s", "compile_s", ...}
+    {"plan", "ideal_saving", "realized_saving", "efficiency", "efficiency_ci95", "rounds", ...}
 
 * ideal_saving = 1 − mean FLOPs per NFE of the plan / full-model FLOPs (`jaxee.eval.flops`; the
   plan's own per-NFE `flops` stats of a real run, so dynamic plans are measured, not predicted);
-* realized_saving = 1 − plan_s / full_s; efficiency = realized_saving / ideal_saving;
+* realized_saving = 1 − median per-round ratio; efficiency = realized_saving / ideal_saving;
+* the same from the process CPU time of each call (`*_cpu`, all threads), and the older
+  estimators for comparison: ratio of the medians (`realized_saving_medians`) and of the fastest
+  calls (`*_min`);
 * compile_s = first call − median call of the plan (`full_compile_s` the same for the full model).
-
-On a shared CPU the wall clock follows the other jobs' load, so the record also has the savings
-and efficiencies from the median process CPU time (`*_cpu`, all threads) and from the fastest
-call of each variant (`*_min`), plus every per-call time.
 """
 from __future__ import annotations
 
@@ -53,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--input-size", type=int, default=None, help="override latent side")
   p.add_argument("--dtype", default=None, help="model dtype override, e.g. bfloat16")
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=7, help="minimum paired rounds")
+  p.add_argument("--max-repeats", type=int, default=61, help="maximum paired rounds")
+  p.add_argument("--target-halfwidth", type=float, default=0.025,
+                 help="stop once every plan's efficiency 95%% interval is ± this")
+  p.add_argument("--budget-s", type=float, default=600.0, help="timing budget in seconds")
+  p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
   p.add_argument("--platform", default="cpu", help="JAX_PLATFORMS value ('' = JAX's default)")
   p.add_argument("--json", action="store_true", help="print only the JSON lines")
   return p.parse_args(argv)
@@ -65,6 +75,24 @@ def split_plans(text) -> list[str]:
   return [s.strip() for t in texts for s in t.split(";") if s.strip()]
 
 
+def bootstrap_median_ci(values, draws: int, seed: int = 0) -> tuple[float, float]:
+  """95 % bootstrap interval of the median of `values` (deterministic for `seed`)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  v = np.asarray(values, np.float64)
+  idx = np.random.default_rng(seed).integers(0, len(v), size=(draws, len(v)))
+  meds = np.median(v[idx], axis=1)
+  return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
+def ci_halfwidth(rec: dict, ideal: float, draws: int) -> float:
+  """Half-width of the efficiency's 95 % interval from one plan's paired round times."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if ideal <= 0:
+    return 0.0
+  lo, hi = bootstrap_median_ci(np.asarray(rec["plan"]) / np.asarray(rec["full"]), draws)
+  return (hi - lo) / 2 / ideal
+
+
 def build(args, abstract: bool = False):
   """Model, random params (shapes only when `abstract`), labels, NFE times."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -73,7 +101,9 @@ def build(args, abstract: bool = False):
   from jaxee import testing  # pylint: disable=g-import-not-at-top
   overrides = {}
   if args.input_size:
-    overrides["input_size" if args.arch.startswith("dit") else "img_size"] = args.input_size
+    side = {"dit": "input_size", "uvit": "img_size", "unet": "sample_size"}
+    family = next((f for f in side if args.arch.startswith(f)), "uvit")
+    overrides[side[family]] = args.input_size
   if getattr(args, "dtype", None):
     overrides["dtype"] = getattr(jnp, args.dtype)
   model = models.create(args.arch, **overrides)
@@ -115,52 +145,76 @@ def run(args) -> list[dict]:
     first[v[0]] = time.perf_counter() - t0
     for w in range(args.warmup):
       call(v, 1 + w)
-  times_by = {v[0]: [] for v in variants}
-  cpu_by = {v[0]: [] for v in variants}
-  for r in range(args.repeats):
-    order = variants[r % len(variants):] + variants[:r % len(variants)]
-    for v in order:
-      c0, t0 = time.process_time(), time.perf_counter()
-      call(v, 100 + r)
-      times_by[v[0]].append(time.perf_counter() - t0)
-      cpu_by[v[0]].append(time.process_time() - c0)
-
   full_flops = flops_lib.backbone_flops(model)
-  full_s = statistics.median(times_by["full"])
+  ideal = {v[0]: float(1.0 - np.mean(np.asarray(stats[v[0]]["flops"], np.float64)) / full_flops)
+           for v in variants[1:]}
+  pairs = {v[0]: {"full": [], "plan": [], "full_cpu": [], "plan_cpu": []} for v in variants[1:]}
+
+  def timed(v, seed):
+    c0, t0 = time.process_time(), time.perf_counter()
+    call(v, seed)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+  start = time.perf_counter()
+  rounds = 0
+  while True:
+    for v in variants[1:]:
+      rec = pairs[v[0]]
+      order = [("full", variants[0]), ("plan", v)]
+      if rounds % 2:
+        order.reverse()
+      for role, var in order:
+        wall, cpu = timed(var, 100 + rounds)
+        rec[role].append(wall)
+        rec[f"{role}_cpu"].append(cpu)
+    rounds += 1
+    if rounds < args.repeats:
+      continue
+    widths = [ci_halfwidth(pairs[s], ideal[s], args.bootstrap) for s in pairs]
+    if (rounds >= args.max_repeats or time.perf_counter() - start > args.budget_s
+        or all(w <= args.target_halfwidth for w in widths)):
+      break
+
+  all_full = [t for rec in pairs.values() for t in rec["full"]]
+  full_s = statistics.median(all_full)
   device = jax.devices()[0]
   common = {
       "arch": args.arch, "sampler": args.sampler, "steps": args.steps, "batch": args.batch,
-      "guidance": args.guidance, "repeats": args.repeats, "warmup": args.warmup,
+      "guidance": args.guidance, "rounds": rounds, "warmup": args.warmup,
+      "timing_s": round(time.perf_counter() - start, 1),
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
       "host": platform.node(), "cpus": os.cpu_count(),
       "loadavg": [round(v, 2) for v in os.getloadavg()],
       "gflops_per_sample_nfe": round(full_flops / 1e9, 4),
       "full_compile_s": round(first["full"] - full_s, 3),
-      "full_times_s": [round(t, 4) for t in times_by["full"]],
-      "full_cpu_s": [round(t, 4) for t in cpu_by["full"]],
   }
-  full_cpu = statistics.median(cpu_by["full"])
-  full_min = min(times_by["full"])
   results = []
   for spec, _, _ in variants[1:]:
-    plan_s = statistics.median(times_by[spec])
-    ideal = float(1.0 - np.mean(np.asarray(stats[spec]["flops"], np.float64)) / full_flops)
-    realized = 1.0 - plan_s / full_s
-    rec = {"plan": spec, "ideal_saving": round(ideal, 4), "realized_saving": round(realized, 4),
-           "efficiency": round(realized / ideal, 4) if ideal > 0 else None,
-           "full_s": round(full_s, 4), "plan_s": round(plan_s, 4),
+    rec_t = pairs[spec]
+    idl = ideal[spec]
+    ratios = np.asarray(rec_t["plan"]) / np.asarray(rec_t["full"])
+    cpu_ratios = np.asarray(rec_t["plan_cpu"]) / np.asarray(rec_t["full_cpu"])
+    lo, hi = bootstrap_median_ci(ratios, args.bootstrap)
+    realized = 1.0 - float(np.median(ratios))
+    eff = (lambda saving: round(saving / idl, 4) if idl > 0 else None)
+    plan_s = statistics.median(rec_t["plan"])
+    rec = {"plan": spec, "ideal_saving": round(idl, 4), "realized_saving": round(realized, 4),
+           "efficiency": eff(realized),
+           "efficiency_ci95": [eff(1.0 - hi), eff(1.0 - lo)] if idl > 0 else None,
+           "realized_saving_ci95": [round(1.0 - hi, 4), round(1.0 - lo, 4)],
+           "full_s": round(statistics.median(rec_t["full"]), 4), "plan_s": round(plan_s, 4),
            "compile_s": round(first[spec] - plan_s, 3),
            "mean_blocks": round(float(np.mean(np.asarray(stats[spec]["blocks"]))), 3),
-           "plan_times_s": [round(t, 4) for t in times_by[spec]],
-           "plan_cpu_s": [round(t, 4) for t in cpu_by[spec]]}
-    # On a shared machine the wall clock follows other jobs' load; the process CPU time (all
-    # threads) and the fastest calls are steadier measures of the work done.
-    cpu_saving = 1.0 - statistics.median(cpu_by[spec]) / full_cpu
-    min_saving = 1.0 - min(times_by[spec]) / full_min
+           "round_ratios": [round(float(r), 4) for r in ratios]}
+    cpu_saving = 1.0 - float(np.median(cpu_ratios))
+    med_saving = 1.0 - plan_s / statistics.median(rec_t["full"])
+    min_saving = 1.0 - min(rec_t["plan"]) / min(rec_t["full"])
     rec["realized_saving_cpu"] = round(cpu_saving, 4)
-    rec["efficiency_cpu"] = round(cpu_saving / ideal, 4) if ideal > 0 else None
+    rec["efficiency_cpu"] = eff(cpu_saving)
+    rec["realized_saving_medians"] = round(med_saving, 4)
+    rec["efficiency_medians"] = eff(med_saving)
     rec["realized_saving_min"] = round(min_saving, 4)
-    rec["efficiency_min"] = round(min_saving / ideal, 4) if ideal > 0 else None
+    rec["efficiency_min"] = eff(min_saving)
     rec.update(common)
     results.append(rec)
   return results
