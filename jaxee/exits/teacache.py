@@ -25,8 +25,9 @@ calls the network once on [cond; uncond]) — and reduced to ONE scalar by `rule
 * `'mean'`: d = mean_b d_b;
 * `'pooled'`: the original's ratio of batch-wide means, mean_b,k|Δ| / mean_b,k|s_{i−1}|.
 
-Never sample 0 alone. Under `plan.shard_net` (`shard_map`) the rule applies to each device's
-slice, so devices may decide differently (each runs its own `lax.cond`). The signature comes from
+Never sample 0 alone. With the batch sharded over devices under `jit` (`jaxee.sharded`), the
+reduction is over the global batch (XLA inserts the collective) and every device takes the same
+branch; a net wrapped by `plan.shard_net` (`shard_map`) would instead decide per device. The signature comes from
 the backbone contract (`Backbone.step_signature`: DiT as above; U-ViT: the embedded tokens incl.
 the time token; U-Net: conv_in output and time embedding), so this module has no family code.
 
