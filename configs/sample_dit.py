@@ -18,7 +18,9 @@ table; `--config.plan_options.depth=N` rescales it to N blocks), `mask:PATH` (a 
 `MaskPlan`; `plan_options.rectify`), `duodiff[:T_SWITCH]` (shallow model from
 `plan_options.shallow_ckpt`, converted dir or a `.pt` of `shallow_arch` (default: `arch`) with
 `model_overrides` and depth `shallow_depth`), `deediff:WORKDIR` (heads/UEMs of a DeeDiff run;
-`plan_options.threshold`, `.mode`, `.min_fraction`).
+`plan_options.threshold`, `.mode`, `.min_fraction`),
+`fora:K[:block]` and `teacache:THRESHOLD[:max|mean|pooled]` (training-free baselines,
+`docs/methods/baselines.md`).
 """
 from ml_collections import config_dict
 

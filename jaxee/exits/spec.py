@@ -9,6 +9,10 @@
     parse_plan('deediff:WORKDIR', model)                 # trained heads/UEMs and θ
     parse_plan('deediff:scripted=4,12', model, params=p, rng=key)  # timing: exits at 4..12
     parse_plan('file:PLAN', model)                       # any saved plan file (`exits.io`)
+    parse_plan('fora:3', model, nfe_times=times)         # FORA: full network every 3rd NFE
+    parse_plan('fora:3:block', model, nfe_times=times)   #   ... caching block outputs
+    parse_plan('teacache:0.1', model)                    # TeaCache, threshold 0.1 (rule max)
+    parse_plan('teacache:0.1:mean:poly=4.9,-2.8,0.3', model)  # rule and rescale polynomial
     parse_plan('ase:D3-DiT+mask:skip=0.3', model, nfe_times=times) # composition (`compose`)
 
 Grammar: `SPEC := PART ('+' PART)*`; `PART := KIND[:ARG[:ARG...]]`; `none`/`full` is the full
@@ -22,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-KINDS = ("full", "ase", "mask", "file", "duodiff", "deediff")
+KINDS = ("full", "ase", "mask", "file", "duodiff", "deediff", "fora", "teacache")
 
 
 def _kv(arg: str) -> tuple[Optional[str], str]:
@@ -83,6 +87,42 @@ def _mask(args, spec, model, nfe_times, options):
   if not isinstance(plan, masks.MaskPlan):
     raise ValueError(f"plan {spec!r}: {args[0]} is a {type(plan).__name__} file, not a mask")
   return plan.rectified(model) if options.get("rectify") else plan
+
+
+def _fora(args, spec, model, nfe_times):
+  from jaxee.exits import baselines  # pylint: disable=g-import-not-at-top
+  if not args or len(args) > 2:
+    raise ValueError(f"plan {spec!r}: use fora:INTERVAL[:block|branch]")
+  if nfe_times is None:
+    raise ValueError(f"plan {spec!r}: FORA needs the sampler's NFE grid")
+  try:
+    interval = int(args[0])
+  except ValueError:
+    raise ValueError(f"plan {spec!r}: INTERVAL must be an integer ≥ 1") from None
+  if len(args) > 1 and args[1] not in baselines.UNITS:
+    raise ValueError(f"plan {spec!r}: unit must be one of {baselines.UNITS}, got {args[1]!r}")
+  unit = args[1] if len(args) > 1 else "branch"
+  plan = baselines.fora_plan(model, len(nfe_times), interval, unit)
+  plan.metadata["spec"] = spec
+  return plan
+
+
+def _teacache(args, spec):
+  from jaxee.exits import teacache  # pylint: disable=g-import-not-at-top
+  if not args or not args[0]:
+    raise ValueError(f"plan {spec!r}: use teacache:THRESHOLD[:max|mean|pooled][:poly=C,...]")
+  threshold = _float(args[0], spec, "THRESHOLD")
+  rule, coefficients = "max", teacache.IDENTITY
+  for arg in args[1:]:
+    key, value = _kv(arg)
+    if key == "poly":
+      coefficients = tuple(_float(v, spec, "a polynomial coefficient") for v in value.split(","))
+    elif key is None and value in teacache.RULES:
+      rule = value
+    else:
+      raise ValueError(f"plan {spec!r}: unknown TeaCache option {arg!r} "
+                       f"(a rule {teacache.RULES} or poly=C,...)")
+  return teacache.TeaCachePlan(threshold, coefficients, rule, {"spec": spec})
 
 
 def _existing(path: str, spec: str) -> pathlib.Path:
@@ -181,9 +221,14 @@ def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times
     return _duodiff(args, spec, model, options, rng, load_shallow)
   if kind == "deediff":
     return _deediff(args, spec, model, params, options, rng)
+  if kind == "fora":
+    return _fora(args, spec, model, nfe_times)
+  if kind == "teacache":
+    return _teacache(args, spec)
   raise ValueError(f"unknown plan spec {spec!r}: use none/full, ase:TABLE|COUNTS[:switch], "
                    "mask:FILE|skip=F[:branch], file:PATH, duodiff:T_S[:random=DEPTH], "
-                   "deediff:WORKDIR|scripted=NOISE[,CLEAN], joined with '+' to compose")
+                   "deediff:WORKDIR|scripted=NOISE[,CLEAN], fora:K[:block|branch], "
+                   "teacache:THRESHOLD[:RULE][:poly=C,...], joined with '+' to compose")
 
 
 def referenced_files(spec: Optional[str]) -> list[pathlib.Path]:

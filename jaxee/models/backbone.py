@@ -30,6 +30,11 @@ stream, so an early exit discards pending skips (DeeDiff on U-ViT, §2.8).
 States are dicts of arrays whose leading axis is the batch (a per-sample `where` over a state is
 `select_state`), with the token stream under `'h'`.
 
+Step signature (TeaCache, `jaxee/exits/teacache.py`): `step_signature(params, state)` is a cheap,
+batch-major indicator of how much the network input changed since the previous evaluation, read
+from the embedded state. Default: the embedded stream `h` itself (U-ViT: the patch tokens with the
+time and label tokens); DiT overrides it with TeaCache's timestep-modulated input of block 0.
+
 FLOPs per sample: `unit_flops[i]` (the whole unit), `enter_flops[i]` (what a cache-reused unit
 still costs), `drop_flops[i]`, `embed_flops`, `head_flops`; `full_flops` is their full sum and
 equals `jaxee.eval.flops.backbone_flops(module)`.
@@ -200,6 +205,17 @@ class Backbone:
 
   def head(self, params, state: State) -> jax.Array:
     raise NotImplementedError
+
+  def step_signature(self, params, state: State) -> jax.Array:
+    """A batch-major (B, ...) indicator of this evaluation's input, computed from the embedded
+    state (TeaCache's "timestep-modulated input"). Default: the embedded stream `h`."""
+    del params
+    return state["h"]
+
+  @property
+  def step_signature_flops(self) -> float:
+    """FLOPs per sample of `step_signature` beyond `embed` (default 0)."""
+    return 0.0
 
   def run_unit(self, params, ref: Union[UnitRef, int], state: State) -> State:
     """enter → compute → apply (a static int `ref` is resolved with `self.ref`)."""

@@ -61,6 +61,12 @@ class DiTBlock(nn.Module):
     """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D)."""
     return tuple(jnp.split(self.adaLN_modulation(nn.silu(c)), 6, axis=-1))
 
+  def modulated_input(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """modulate(norm1(x), shift_msa, scale_msa): the attention branch's input (TeaCache's
+    "timestep-modulated input", read from the first block)."""
+    mod = self.modulation(c)
+    return layers.modulate(self.norm1(x), mod[0], mod[1])
+
   def attn_branch(self, x: jax.Array, mod: tuple[jax.Array, ...]) -> jax.Array:
     return self.attn(layers.modulate(self.norm1(x), mod[0], mod[1]))
 

@@ -107,6 +107,18 @@ class DiTBackbone(bb_lib.Backbone):
   def head(self, params, state):
     return self.module.apply({"params": params}, state["h"], state["c"], method="head")
 
+  def step_signature(self, params, state):
+    """Block 0's modulate(norm1(x), shift_msa, scale_msa) on the embedded tokens: the
+    timestep-modulated input TeaCache reads (its DiT-family forwards take
+    `blocks[0].norm1(x, emb)`), (B, N, D)."""
+    p = bb_lib.take(params["blocks"], 0)
+    return self.module.block_module().apply({"params": p}, state["h"], state["c"],
+                                             method="modulated_input")
+
+  @property
+  def step_signature_flops(self):
+    return flops_lib.modulation_flops(self.module)
+
   # Exit heads, shallow copies, training facts ---------------------------------------------------
   def exit_head_module(self):
     from jaxee.models import exit_heads  # pylint: disable=g-import-not-at-top

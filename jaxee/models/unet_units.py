@@ -299,6 +299,14 @@ class UNetBackbone(bb_lib.Backbone):
         "depth schedules (ASE) do not apply to the U-Net backbone: its up path consumes every "
         "down-path skip and changes resolution, so 'drop the last units' has no meaning")
 
+  def step_signature(self, params, state):
+    """No adaLN to read: `conv_in`'s output (skip slot 0) and the time embedding, flattened and
+    concatenated per sample, (B, H·W·C₀ + 4·C₀) — the input and the time it is denoised at
+    (a documented fallback for TeaCache, whose indicator is DiT-style modulated input)."""
+    del params
+    h0, temb = state["skips"][0], state["temb"]
+    return jnp.concatenate([h0.reshape(h0.shape[0], -1), temb.astype(h0.dtype)], axis=1)
+
   def head(self, params, state):
     m = self.module
     return self._call(params, "head", self._read(state, m.sample_size, m.block_out_channels[0]))

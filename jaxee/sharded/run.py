@@ -149,7 +149,7 @@ def make_plan(config, model, params=None) -> Any:
                        "plan_options.shallow_ckpt")
 
   times = None
-  if model is not None and spec and ("skip=" in str(spec) or "keep=" in str(spec)):
+  if model is not None and spec and any(k in str(spec) for k in ("skip=", "keep=", "fora:")):
     times = sampling_lib.nfe_times(model, config.sampler, int(config.steps),
                                    config.get("schedule") or None,
                                    **dict(config.get("sampler_options") or {}))

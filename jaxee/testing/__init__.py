@@ -23,6 +23,7 @@ from jaxee import models
 from jaxee.testing import family_ops as ops  # noqa: F401
 from jaxee.testing.references import (ReferencePlan, block_mask_rows,  # noqa: F401
                                       reference_masked, reference_prefix)
+from jaxee.testing.teacache_reference import TeaCacheReference  # noqa: F401
 from jaxee.exits import plan as plan_lib
 
 
