@@ -140,3 +140,18 @@ def test_plot_exits_writes_a_png(tmp_path):
   assert tau[0] > 0.8 and blocks[0] == 5 and blocks[-1] == 12  # D3 scaled to 12 blocks
   plot.plot(curves, "test", str(out))
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_vs_torch_statistics_and_refusals(capsys):
+  """The torch-vs-jaxee tool: per-round ratio statistics, and clear refusals without inputs."""
+  bench = _tool("bench_vs_torch")
+  calls = {"a": 0}
+
+  def slow():
+    calls["a"] += 1
+  rec = bench.alternate(slow, lambda: None, rounds=4)
+  assert calls["a"] == 4 and rec["rounds"] == 4 and len(rec["round_ratios"]) == 4
+  lo, hi = rec["ci95"]
+  assert lo <= rec["jaxee_speed_vs_torch"] <= hi
+  args = bench.parse_args(["--dit-src", "/x", "--rounds", "3"])
+  assert args.dit_src == "/x" and args.rounds == 3 and args.uvit_src is None
