@@ -35,12 +35,13 @@ import jaxee
 from jaxee.eval import report as report_lib
 
 
-def eval_inputs(model, num: int, seed: int) -> tuple[jax.Array, jax.Array]:
-  """(x_T, labels): the shared start noise and conditioning labels (0..9 repeated)."""
-  shape = (num, model.input_size, model.input_size, model.in_channels) if (
-      model.family == "dit") else (num, model.img_size, model.img_size, model.in_chans)
+def eval_inputs(model, num: int, seed: int) -> tuple[jax.Array, Optional[jax.Array]]:
+  """(x_T, labels): the shared start noise and conditioning labels (0..9 repeated; None for an
+  unconditional backbone such as the demo's U-Net)."""
+  from jaxee.models import backbone as bb_lib  # pylint: disable=g-import-not-at-top
+  shape = (num,) + tuple(bb_lib.as_backbone(model, "block").input_shape)
   x_T = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-  labels = jnp.arange(num, dtype=jnp.int32) % 10
+  labels = jnp.arange(num, dtype=jnp.int32) % 10 if model.num_classes > 0 else None
   return x_T, labels
 
 
@@ -96,7 +97,8 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
     x = np.clip(np.asarray(x, np.float32), -1.0, 1.0)
     samples[variant.name] = x
     feats[variant.name], probs = metric.features_and_probs(x)
-    quality = metric.report_from_outputs(feats[variant.name], probs, np.asarray(labels))
+    quality = metric.report_from_outputs(feats[variant.name], probs,
+                                         None if labels is None else np.asarray(labels))
     quality.pop("class_histogram", None)
     exits = report_lib.exit_summary(model, stats)
     records[variant.name] = {"method": variant.method, "quality": quality, "exits": exits,
@@ -129,7 +131,8 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
   log(f"[{result.arch}] timing ({scale.timing_rounds} alternating rounds, medians): " + ", ".join(
       f"{n} {r['timing']['median_s']:.3f}s ×{r['timing']['speedup']:.2f}"
       for n, r in records.items()))
-  return {"variants": records, "samples": samples, "labels": np.asarray(labels),
+  return {"variants": records, "samples": samples,
+          "labels": None if labels is None else np.asarray(labels),
           "timing_raw": raw}
 
 

@@ -134,7 +134,7 @@ def compare_markdown(first: dict, second: dict) -> str:
 
 
 def save_grids(out: pathlib.Path, arch: str, samples: dict) -> dict:
-  """Per-variant grids (4 rows × 10 classes) and one overview (one row per variant)."""
+  """Per-variant grids (4 rows × 10 samples) and one overview (one labelled row per variant)."""
   files = {}
   names = [n for n in ORDER if n in samples] + [n for n in samples if n not in ORDER]
   for name in names:
@@ -143,7 +143,7 @@ def save_grids(out: pathlib.Path, arch: str, samples: dict) -> dict:
                                            scale=6).name)
   overview = np.concatenate([samples[n][:10] for n in names])
   files["overview"] = str(images_lib.save_grid(out / f"samples_{arch}.png", overview, nrow=10,
-                                               scale=6).name)
+                                               scale=6, row_labels=names).name)
   return files
 
 

@@ -82,6 +82,10 @@ class DemoScale:
   masks_lambda1: float = 0.05
   masks_lambda2: float = 0.05
   masks_lr: float = 0.1
+  # The U-Net (unconditional; its own backbone steps).
+  unet_channels: int = 16
+  unet_steps: int = 1500
+  unet_lr: float = 2e-3
   # Which methods run on which backbone.
   methods: tuple = (("dit", METHOD_NAMES), ("uvit", METHOD_NAMES))
 
@@ -125,6 +129,15 @@ def model_overrides(arch: str, scale: DemoScale) -> dict:
     return dict(img_size=8, patch_size=scale.patch_size, in_chans=1, embed_dim=scale.width,
                 depth=scale.uvit_depth, num_heads=scale.num_heads, num_classes=11,
                 cfg_null_class=10, conv=True, default_schedule="linear_discrete")
+  if arch == "unet":
+    # The DDPM U-Net layout (diffusers `UNet2DModel`, as `unet_ddpm_cifar10`) shrunk to 8x8
+    # digits: two levels (8², 4² with attention), one ResNet per level, unconditional.
+    c0 = scale.unet_channels
+    return dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(c0, 2 * c0),
+                layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False,
+                downsample_padding=0, norm_eps=1e-6, default_schedule="linear_discrete")
   raise ValueError(f"unknown demo arch {arch!r}; choose from {ARCHS}")
 
 

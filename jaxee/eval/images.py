@@ -24,6 +24,20 @@ def to_uint8(x: np.ndarray, *, dit_fid: bool = False) -> np.ndarray:
   return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _label_rows(img: Image.Image, labels: list, row_height: int, top: int) -> Image.Image:
+  """`img` with a left margin holding `labels[r]` beside grid row r (PIL's built-in font)."""
+  from PIL import ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  font = ImageFont.load_default()
+  margin = 8 + max((int(font.getlength(str(t))) for t in labels), default=0)
+  out = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
+  out.paste(img, (margin, 0))
+  draw = ImageDraw.Draw(out)
+  for r, text in enumerate(labels):
+    draw.text((4, top + r * row_height + row_height // 2 - 6), str(text), fill=(0, 0, 0),
+              font=font)
+  return out
+
+
 def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2) -> np.ndarray:
   """(N, H, W, C) uint8 → one (rows·(H+p)+p, nrow·(W+p)+p, C) uint8 grid."""
   n, h, w, c = images.shape
@@ -37,8 +51,12 @@ def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2) -> np.ndarray
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int = 8, *,
-              scale: int = 0) -> pathlib.Path:
-  """Writes a PNG grid atomically; float input is taken as [-1, 1]; tiny images are upscaled."""
+              scale: int = 0, row_labels=None) -> pathlib.Path:
+  """Writes a PNG grid atomically; float input is taken as [-1, 1]; tiny images are upscaled.
+
+  `row_labels`: one text per grid row, written in a white margin left of the row (so a reader
+  can tell which variant each row shows).
+  """
   images = np.asarray(images)
   if images.dtype != np.uint8:
     images = to_uint8(images)
@@ -48,6 +66,9 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int = 8, *,
   scale = scale or max(1, 128 // max(images.shape[1], 1))
   img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
                                      Image.NEAREST)
+  if row_labels is not None:
+    img = _label_rows(img, list(row_labels), row_height=(images.shape[1] + 2) * scale,
+                      top=2 * scale)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
