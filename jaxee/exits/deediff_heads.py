@@ -11,10 +11,10 @@ contract (`jaxee/models/backbone.py`) at `'block'` granularity, with no per-fami
   that sees the conditioning c); `bb.head_params_for_exit(params)` is the warm start;
 * `TokenMeanUEM` ('token_mean', the public re-implementation): per-token Linear(D→1) + sigmoid,
   mean over all tokens (U-ViT: including the time/label tokens);
-* `TimestepAwareUEM` ('timestep_aware', a pooled reading of the paper): u = sigmoid(wᵀ[mean-pool(L_i),
-  e(t)] + b) where mean-pool averages the block-input tokens over the sequence (all tokens) and
-  e(t) is the D-dim sinusoidal embedding of the network time (cos then sin, as the backbones'),
-  D = `bb.width`;
+* `TimestepAwareUEM` ('timestep_aware', a pooled reading of the paper):
+  u = sigmoid(wᵀ[mean-pool(L_i), e(t)] + b) where mean-pool averages the block-input tokens over
+  the sequence (all tokens) and e(t) is the D-dim sinusoidal embedding of the network time (cos
+  then sin, as the backbones'), D = `bb.width`;
 * `PaperMapUEM` ('paper_map', the paper's UEM, Eq. 8 u_{i,t} = f(w_tᵀ[L_{i,t}, t] + b_t) per token,
   with the uncertainty map of Eq. 9): timestep-specific parameters *generated* from e(t) (so they
   work for any traced t, discrete or continuous): w_t = diag(1 + γ(t))·W and b_t = b + β(t) with
