@@ -28,6 +28,7 @@ SET_ME = "SET_ME"
 ase_section = config_base.ase_section
 ASE_DEFAULTS = config_base.ASE_DEFAULTS
 deediff_section = config_base.deediff_section
+DEEDIFF_RECIPES = config_base.DEEDIFF_RECIPES
 duodiff_section = config_base.duodiff_section
 masks_section = config_base.masks_section
 parse_arg = config_base.parse_arg

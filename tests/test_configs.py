@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = {
     "ase_dit_imagenet256": ["", "D2", "D3", "D4", "D7", "D4,lambda_mode=cycle", "D7,runlocal"],
     "ase_uvit_celeba": ["", "D1", "D2", "D3", "D6", "D6,runlocal"],
-    "deediff_uvit": ["", "cifar10", "celeba", "imagenet256", "celeba,variant=public,joint"],
+    "deediff_uvit": ["", "cifar10", "celeba", "imagenet256", "celeba,variant=public,joint",
+                     "celeba,adadiff_public", "imagenet256,adadiff_public,variant=paper,joint"],
     "duodiff": ["", "cifar10", "celeba", "imagenet64", "imagenet256", "celeba,t_switch=500",
                 "cifar10,init=deep"],
     "masks_dit_imagenet256": ["", "ddim50", "ddim100"],
@@ -53,6 +54,36 @@ def test_paper_constants():
   masks = load("masks_dit_imagenet256", "ddim100")
   assert (masks.masks.steps, masks.masks.guidance, masks.masks.threshold) == (100, 1.5, 0.5)
   assert tuple(masks.masks.w_values) == (2.0, 1.5, 1.0)
+
+
+# DeeDiff paper (Tang et al. 2023, §3.4, §4.1, §6.1; research/paper_results.md §2.3): L_simple +
+# λL_u + βL_UAL with λ = β = 1, AdamW lr 2e-4 for all datasets, weight decay 0.03, (β₁, β₂) =
+# (0.99, 0.99), backbone trained jointly, the UEM of Eq. 8 per element (Eq. 9), exits at 1..N.
+# The public re-implementation (research/ee_methods.md §2.4–2.5): frozen backbone, token-mean
+# MLP probe at the input of every block, its own loss, AdamW 2e-4, betas (0.99, 0.999), wd 0.03.
+DEEDIFF_PAPER = dict(lam=1.0, beta=1.0, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99),
+                     freeze_backbone=False, uem="paper_map", layout="outputs", variant="paper")
+ADADIFF_PUBLIC = dict(lam=1.0, beta=1.0, lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999),
+                      freeze_backbone=True, uem="token_mean", layout="inputs", variant="public")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "celeba", "imagenet256"])
+@pytest.mark.parametrize("recipe,want", [("", DEEDIFF_PAPER), ("paper", DEEDIFF_PAPER),
+                                         ("adadiff_public", ADADIFF_PUBLIC)])
+def test_deediff_recipes_match_the_paper_and_the_public_code(dataset, recipe, want):
+  c = load("deediff_uvit", ",".join(filter(None, [dataset, recipe])))
+  d = c.deediff
+  got = dict(lam=d.lam, beta=d.beta, lr=c.optim.lr, weight_decay=c.optim.weight_decay,
+             betas=(c.optim.b1, c.optim.b2), freeze_backbone=d.freeze_backbone, uem=d.uem,
+             layout=d.layout, variant=d.variant)
+  assert got == want
+  # U-ViT-Small (13 layers = depth 12 + mid, 8 heads, width 512) / U-ViT-Large (21, 16, 1024).
+  from jaxee import models
+  m = models.create(c.model.arch, **c.model.overrides)
+  want_arch = (20, 16, 1024) if dataset == "imagenet256" else (12, 8, 512)
+  assert (m.depth, m.num_heads, m.embed_dim) == want_arch
+  with pytest.raises(ValueError, match="unknown recipe 'deediff'"):
+    load("deediff_uvit", f"{dataset},recipe=deediff")
 
 
 @pytest.mark.parametrize("name,arg,message", [

@@ -241,6 +241,14 @@ class ToyBackbone(bb_lib.Backbone):
   def head_params_for_exit(self, params):
     return {"linear": {"kernel": params["head"]}}
 
+  @property
+  def pixels_per_token(self):
+    return 1
+
+  def tokens_to_image(self, values):
+    """Per-pixel tokens: a reshape, as the toy head does."""
+    return values.reshape(values.shape[0], self.module.size, self.module.size, values.shape[-1])
+
 
 def toy(seed: int = 0, **overrides):
   """(model, params) of a toy backbone."""

@@ -2,14 +2,17 @@
 
 Reproduces the inference rule of `razvanmatisan/duodiff` `eesampler.py:get_samples`
 (`research/ee_methods.md` §2.1, §2.6–2.8), written once against the backbone contract
-(`jaxee/models/backbone.py`) at `'block'` granularity: one head g_k and one UEM u_k sit at the
-INPUT of every unit k, k = 0..L−1 in execution order (L = `bb.num_units`; U-ViT: in-blocks, mid,
-out-blocks); exit k = number of blocks executed, and k = L is the backbone's own head
-(`bb.head`). A sample exits at the first k with u_k ≤ θ (θ ∈ [0, 1]); there is no minimum exit
-layer. An exit reads only the token stream `state['h']` (and `bb.exit_context(state)`), so a
+(`jaxee/models/backbone.py`) at `'block'` granularity. Exit k = number of blocks executed
+(L = `bb.num_units` in execution order; U-ViT: in-blocks, mid, out-blocks), and k = L is the
+backbone's own head (`bb.head`). Two exit layouts (`deediff_heads.LAYOUTS`): 'inputs' (the public
+code: one head g_k and one UEM u_k at the INPUT of every unit k, k = 0..L−1, so exit 0 runs no
+block) and 'outputs' (the DeeDiff paper: exits k = 1..L−1 at the output of block k, then the
+backbone head; no exit runs zero blocks). A sample exits at the first available k with u_k ≤ θ
+(θ ∈ [0, 1]). An exit reads only the token stream `state['h']` (and `bb.exit_context(state)`), so a
 U-ViT exit discards the pending encoder skips: no `skip_linear` runs for an out-block that is not
-executed (§2.8). Heads and UEMs (the paper's timestep-aware u = sigmoid(wᵀ[L_i, e(t)] + b) and the
-public per-token linear + sigmoid averaged over tokens) are in `deediff_heads.py`.
+executed (§2.8). Heads and UEMs (the public per-token linear + sigmoid averaged over tokens, a
+pooled timestep-aware u = sigmoid(wᵀ[pool(L_i), e(t)] + b), and the paper's per-element map with
+generated w_t, b_t, reduced to its mean for the decision) are in `deediff_heads.py`.
 
 Runners (`research/jax_style.md` §4.3):
 
@@ -82,11 +85,12 @@ def blocks_flops_upto(model: Any, k: int) -> float:
   return float(np.sum(heads_lib.backbone(model).unit_flops[:k]))
 
 
-def exit_flops(model: Any, k: int, uem: str) -> float:
+def exit_flops(model: Any, k: int, uem: str, layout: str = "inputs") -> float:
   """Per-sample FLOPs of a batch that all exits at k in the batched runner."""
   bb = heads_lib.backbone(model)
   num = bb.num_units
-  tests = min(k + 1, num)
+  off = heads_lib.check_layout(layout)
+  tests = min(k + 1, num) - off  # UEMs at the exits off..min(k, L−1)
   out_head = exit_head_flops(model) if k < num else bb.head_flops
   return float(bb.embed_flops + blocks_flops_upto(model, k) + tests * uem_flops(model, uem)
                + out_head)
@@ -122,7 +126,7 @@ def hidden_states(model: Any, params: Any, x, t, y):
 
 
 def forward_all_exits(model: Any, params: Any, ee_params: Any, x, t, y,
-                      uem: str = "token_mean"):
+                      uem: str = "token_mean", layout: str = "inputs", uem_maps: bool = False):
   """Every block, every exit head and every UEM (training and the `exact` runner).
 
   Args:
@@ -131,17 +135,24 @@ def forward_all_exits(model: Any, params: Any, ee_params: Any, x, t, y,
     ee_params: `init_deediff_params(...)` pytree.
     x, t, y: network inputs ((B, H, W, C), (B,), labels or None).
     uem: the UEM kind of `ee_params`.
+    layout: the exit layout of `ee_params` ('inputs': E = L exits, 'outputs': E = L − 1).
+    uem_maps: return a map UEM's per-element map (E, B, H, W, C) instead of its exit score.
 
   Returns:
-    (final output (B, H, W, C_out), exit head outputs (L, B, H, W, C_out), u (L, B)).
+    (final output (B, H, W, C_out), exit head outputs (E, B, H, W, C_out), u (E, B) or maps).
   """
   bb = heads_lib.backbone(model)
+  off = heads_lib.check_layout(layout)
   final, states, ctxs = hidden_states(model, params, x, t, y)
+  if off:  # stacked entry j reads the input of block j + off
+    states, ctxs = states[off:], jax.tree.map(lambda a: a[off:], ctxs)
   head, probe = heads_lib.make_head(model), heads_lib.make_uem(model, uem)
   t_emb = heads_lib.time_features(model, t)
   outs = jax.vmap(lambda p, s, c: head.apply({"params": p}, s, c))(ee_params["heads"], states,
                                                                    ctxs)
-  u = jax.vmap(lambda p, s: probe.apply({"params": p}, s, t_emb))(ee_params["uems"], states)
+  method = "uncertainty_map" if uem_maps and uem in heads_lib.MAP_UEMS else None
+  u = jax.vmap(lambda p, s: probe.apply({"params": p}, s, t_emb, method=method))(
+      ee_params["uems"], states)
   return bb.head(params, final), outs, u
 
 
@@ -159,7 +170,7 @@ def select_exit(final, outs, k):
 
 
 @plan_lib.pytree_plan(data=("ee_params", "threshold", "min_fraction"),
-                      static=("mode", "uem", "mesh", "axis_name"))
+                      static=("mode", "uem", "mesh", "axis_name", "layout"))
 class DeeDiffPlan:
   """Early exit on per-layer uncertainty; a pytree (θ, `min_fraction`, params are leaves).
 
@@ -168,9 +179,12 @@ class DeeDiffPlan:
     threshold: θ ∈ [0, 1]; a sample exits at the first layer with u ≤ θ.
     mode: 'exact' (all layers run, per-sample selection) or 'batched' (while-loop exit).
     min_fraction: batched mode stops once this fraction of the (per-device) batch has exited.
-    uem: UEM kind of `ee_params`: 'token_mean' (public code) or 'timestep_aware' (paper).
+    uem: UEM kind of `ee_params`: 'token_mean' (public code), 'timestep_aware' (pooled) or
+      'paper_map' (the paper's per-element map; its mean is compared with θ).
     mesh: optional mesh (static); the runner then runs per device under `jax.shard_map`.
     axis_name: the mesh axis the batch is split over.
+    layout: exit layout of `ee_params`: 'inputs' (public, exits 0..L−1) or 'outputs' (paper,
+      exits 1..L−1); see the module docstring.
   """
   ee_params: Any
   threshold: Any = 0.08
@@ -179,6 +193,7 @@ class DeeDiffPlan:
   uem: str = "token_mean"
   mesh: Optional[jax.sharding.Mesh] = None
   axis_name: str = "data"
+  layout: str = "inputs"
 
   def __post_init__(self):
     # Concrete θ / min_fraction are validated and stored as Python floats (one weak-f32 leaf
@@ -192,18 +207,20 @@ class DeeDiffPlan:
       raise ValueError(f"unknown DeeDiff mode {self.mode!r}; choose from {MODES}")
     if self.uem not in heads_lib.UEM_KINDS:
       raise ValueError(f"unknown UEM {self.uem!r}; choose from {heads_lib.UEM_KINDS}")
+    heads_lib.check_layout(self.layout)
     if self.mesh is not None and self.axis_name not in self.mesh.axis_names:
       raise ValueError(f"mesh has no axis {self.axis_name!r} (axes {self.mesh.axis_names})")
 
   @property
   def name(self) -> str:
     theta = "traced" if plan_lib.is_traced(self.threshold) else self.threshold
-    return f"deediff:{self.mode}:{self.uem}:theta={theta}"
+    name = f"deediff:{self.mode}:{self.uem}:theta={theta}"
+    return name if self.layout == "inputs" else f"{name}:exits=1..L"
 
   def check(self, model: Any, nfe_times) -> None:
     """Host validation before tracing: the NFE grid, the head/UEM params, θ, min_fraction."""
     plan_lib.check_nfe_times(nfe_times)
-    heads_lib.check_deediff_params(model, self.ee_params, self.uem)
+    heads_lib.check_deediff_params(model, self.ee_params, self.uem, self.layout)
     if not plan_lib.is_traced(self.threshold):
       validate_threshold(self.threshold)
     if not plan_lib.is_traced(self.min_fraction):
@@ -222,8 +239,8 @@ class DeeDiffPlan:
     — take it from the run's stats with `ideal_saving_from_stats`.
     """
     times = plan_lib.check_nfe_times(nfe_times)
-    heads_lib.check_deediff_params(model, self.ee_params, self.uem)  # shapes only
-    num = heads_lib.num_exits(model)
+    heads_lib.check_deediff_params(model, self.ee_params, self.uem, self.layout)  # shapes only
+    num = heads_lib.num_exits(model, self.layout)
     full = heads_lib.backbone(model).full_flops
     exact_flops = full + num * (exit_head_flops(model) + uem_flops(model, self.uem))
     if unit_mask is not None:
@@ -245,17 +262,17 @@ class DeeDiffPlan:
     return plan_lib.BoundPlan(net, plan_lib.no_cache, info)
 
   def _info(self, model: Any, times: np.ndarray, exact_flops: float) -> dict:
-    num = heads_lib.num_exits(model)
-    exits = predict_exits(model, self.ee_params, self.uem, self.threshold, times)
+    num = heads_lib.backbone(model).num_units
+    exits = predict_exits(model, self.ee_params, self.uem, self.threshold, times, self.layout)
     if self.mode == "exact":
       blocks = np.full(len(times), num, np.float64)
       flops = np.full(len(times), exact_flops)
     elif exits is None:
       blocks = np.full(len(times), num, np.float64)
-      flops = np.full(len(times), exit_flops(model, num, self.uem))
+      flops = np.full(len(times), exit_flops(model, num, self.uem, self.layout))
     else:
       blocks = exits.astype(np.float64)
-      flops = np.array([exit_flops(model, int(k), self.uem) for k in exits])
+      flops = np.array([exit_flops(model, int(k), self.uem, self.layout) for k in exits])
     info = plan_lib.make_info(model, blocks, flops, plan=self.name, dynamic=True,
                               exits_predicted=exits is not None)
     if exits is not None:
@@ -272,15 +289,17 @@ def ideal_saving_from_stats(model: Any, stats: dict) -> float:
 
 
 def _exact_net(plan: DeeDiffPlan, model: Any, params: Any, flops: float):
-  num = heads_lib.num_exits(model)
+  num = heads_lib.backbone(model).num_units
+  off = heads_lib.check_layout(plan.layout)
 
   def net(x, t_net, y, nfe_index, cache):
     del nfe_index
-    final, outs, u = forward_all_exits(model, params, plan.ee_params, x, t_net, y, plan.uem)
-    k = first_exit(u, jnp.asarray(plan.threshold, jnp.float32))
-    stats = {"blocks": jnp.float32(num), "exit": k.astype(jnp.float32).mean(),
-             "heads": jnp.float32(num), "flops": jnp.float32(flops)}
-    return select_exit(final, outs, k), cache, stats
+    final, outs, u = forward_all_exits(model, params, plan.ee_params, x, t_net, y, plan.uem,
+                                       plan.layout)
+    j = first_exit(u, jnp.asarray(plan.threshold, jnp.float32))  # stacked index; exit k = j + off
+    stats = {"blocks": jnp.float32(num), "exit": (j + off).astype(jnp.float32).mean(),
+             "heads": jnp.float32(num - off), "flops": jnp.float32(flops)}
+    return select_exit(final, outs, j), cache, stats
 
   return net
 
@@ -293,6 +312,7 @@ def _batched_net(plan: DeeDiffPlan, model: Any, params: Any, unit_mask=None):
   head, probe = heads_lib.make_head(model), heads_lib.make_uem(model, plan.uem)
   hp, up = plan.ee_params["heads"], plan.ee_params["uems"]
   num = bb.num_units
+  off = heads_lib.check_layout(plan.layout)  # exit k uses stacked entry k − off
   f_head, f_uem = exit_head_flops(model), uem_flops(model, plan.uem)
   unit_flops = np.asarray(bb.unit_flops, np.float32)
   enter_flops = np.asarray(bb.enter_flops, np.float32)
@@ -304,13 +324,13 @@ def _batched_net(plan: DeeDiffPlan, model: Any, params: Any, unit_mask=None):
     theta = jnp.asarray(plan.threshold, jnp.float32)
     min_frac = jnp.asarray(plan.min_fraction, jnp.float32)
     f_units = jnp.asarray(unit_flops)
-    t_emb = heads_lib.time_features(model, t_net) if plan.uem == "timestep_aware" else None
+    t_emb = heads_lib.time_features(model, t_net) if plan.uem in heads_lib.TIME_UEMS else None
 
     def exit_test(k, st, dec):
       """UEM k on the stream; newly exited samples (and, when stopping, the rest) take head k."""
       out, exited, exit_k, flops, heads = dec
       h, ctx = st["h"], bb.exit_context(st)
-      u = probe.apply({"params": take(up, k)}, h, t_emb)
+      u = probe.apply({"params": take(up, k - off)}, h, t_emb)
       new = (u <= theta) & ~exited
       exited = exited | new
       done = jnp.mean(exited.astype(jnp.float32)) >= min_frac
@@ -319,7 +339,7 @@ def _batched_net(plan: DeeDiffPlan, model: Any, params: Any, unit_mask=None):
       mask = chosen.reshape((-1,) + (1,) * (out.ndim - 1))
       out = jax.lax.cond(
           any_taken,
-          lambda o: jnp.where(mask, head.apply({"params": take(hp, k)}, h, ctx), o),
+          lambda o: jnp.where(mask, head.apply({"params": take(hp, k - off)}, h, ctx), o),
           lambda o: o, out)
       used = any_taken.astype(jnp.float32)
       dec = (out, exited | chosen, jnp.where(chosen, k, exit_k), flops + f_uem + f_head * used,
@@ -332,7 +352,10 @@ def _batched_net(plan: DeeDiffPlan, model: Any, params: Any, unit_mask=None):
         lambda: head.apply({"params": take(hp, 0)}, st["h"], bb.exit_context(st)))
     dec = (jnp.zeros(out_shape.shape, out_shape.dtype), jnp.zeros((bsz,), bool),
            jnp.full((bsz,), num, jnp.int32), jnp.float32(bb.embed_flops), jnp.float32(0))
-    dec, done = exit_test(jnp.int32(0), st, dec)
+    if off == 0:
+      dec, done = exit_test(jnp.int32(0), st, dec)
+    else:  # no exit before the first block ('outputs' layout)
+      done = jnp.asarray(False)
     carry = (jnp.int32(0), st, dec, done, tuple(cache) if cached else ())
 
     for seg in bb.segments:
@@ -386,7 +409,7 @@ def benchmark_plan(model: Any, params: Any, rng, *, exit_layer_at_noise: Optiona
                    exit_layer_at_clean: Optional[float] = None, threshold: float = 0.5,
                    mode: str = "batched", min_fraction: float = 1.0, sharpness: float = 8.0,
                    heads_from_backbone: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
-                   axis_name: str = "data") -> tuple[DeeDiffPlan, dict]:
+                   axis_name: str = "data", layout: str = "inputs") -> tuple[DeeDiffPlan, dict]:
   """A DeeDiff plan with scripted exits for timing: the batch exits at round(K(τ)).
 
   K(τ) = exit_layer_at_clean + (exit_layer_at_noise − exit_layer_at_clean)·τ (τ → 1 is noise),
@@ -407,22 +430,24 @@ def benchmark_plan(model: Any, params: Any, rng, *, exit_layer_at_noise: Optiona
     sharpness: UEM logit slope per layer.
     heads_from_backbone: initialise the exit heads from the backbone head.
     mesh, axis_name: run per device under `shard_map`.
+    layout: exit layout ('inputs' or the paper's 'outputs'; exits 1..L−1 then).
 
   Returns:
     (plan, meta) with meta = {'exit_layer_at_noise', 'exit_layer_at_clean', 'threshold',
     'num_exits', 'uem'}.
   """
-  num = heads_lib.num_exits(model)
+  num = heads_lib.backbone(model).num_units
   noise = float(round(num / 3) if exit_layer_at_noise is None else exit_layer_at_noise)
   clean = float(num if exit_layer_at_clean is None else exit_layer_at_clean)
   for name, value in (("exit_layer_at_noise", noise), ("exit_layer_at_clean", clean)):
     if not 0.0 <= value <= num:
       raise ValueError(f"{name} must be in [0, {num}] for this model, got {value}")
   ee = init_deediff_params(model, rng, "timestep_aware",
-                           backbone_params=params if heads_from_backbone else None)
-  ee = scripted_uem_params(model, ee, threshold, noise, clean, sharpness)
+                           backbone_params=params if heads_from_backbone else None,
+                           layout=layout)
+  ee = scripted_uem_params(model, ee, threshold, noise, clean, sharpness, layout=layout)
   plan = DeeDiffPlan(ee, threshold=threshold, mode=mode, min_fraction=min_fraction,
-                     uem="timestep_aware", mesh=mesh, axis_name=axis_name)
+                     uem="timestep_aware", mesh=mesh, axis_name=axis_name, layout=layout)
   meta = {"exit_layer_at_noise": noise, "exit_layer_at_clean": clean, "threshold": threshold,
           "num_exits": num, "uem": "timestep_aware"}
   return plan, meta

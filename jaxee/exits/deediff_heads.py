@@ -11,16 +11,34 @@ contract (`jaxee/models/backbone.py`) at `'block'` granularity, with no per-fami
   that sees the conditioning c); `bb.head_params_for_exit(params)` is the warm start;
 * `TokenMeanUEM` ('token_mean', the public re-implementation): per-token Linear(D→1) + sigmoid,
   mean over all tokens (U-ViT: including the time/label tokens);
-* `TimestepAwareUEM` ('timestep_aware', the paper's form): u = sigmoid(wᵀ[mean-pool(L_i), e(t)] + b)
-  where mean-pool averages the block-input tokens over the sequence (all tokens) and e(t) is the
-  D-dim sinusoidal embedding of the network time (cos then sin, as the backbones'), D = `bb.width`.
+* `TimestepAwareUEM` ('timestep_aware', a pooled reading of the paper):
+  u = sigmoid(wᵀ[mean-pool(L_i), e(t)] + b) where mean-pool averages the block-input tokens over
+  the sequence (all tokens) and e(t) is the D-dim sinusoidal embedding of the network time (cos
+  then sin, as the backbones'), D = `bb.width`;
+* `PaperMapUEM` ('paper_map', the paper's UEM, Eq. 8 u_{i,t} = f(w_tᵀ[L_{i,t}, t] + b_t) per token,
+  with the uncertainty map of Eq. 9): timestep-specific parameters *generated* from e(t) (so they
+  work for any traced t, discrete or continuous): w_t = diag(1 + γ(t))·W and b_t = b + β(t) with
+  γ(t) = Linear(D→D)(e(t)), β(t) = Linear(D→p²·C)(e(t)); every token gives p²·C values
+  sigmoid(w_tᵀL + b_t), which `bb.tokens_to_image` lays out as the backbone's head lays out its
+  output (drop non-image tokens, unpatchify) → a per-element map u ∈ (0,1)^{H×W×C} (C = the
+  input/ε channels). The exit decision reads its mean over the H·W·C elements (one scalar per
+  sample, the scale of the public code's mean-reduced pseudo-target), so the runners see (B,) as
+  for the scalar UEMs; training reads the map (`uncertainty_map`).
 
 All heads and UEMs use PyTorch's default `nn.Linear`/`nn.Conv2d` init (kaiming-uniform(a=√5):
 U(±1/√fan_in) for weights and biases), because the original creates them after the backbone's
-`_init_weights` (§2.3). Params for all exits are stacked along a leading axis of length
-L = `bb.num_units` (the blocks in execution order; head k reads the input of block k). Exit heads
-need every block input to have the same shape, so a backbone with `uniform_tokens == False` is
-refused.
+`_init_weights` (§2.3). Params for all exits are stacked along a leading axis; two layouts
+(`LAYOUTS`), with L = `bb.num_units` (the blocks in execution order):
+
+* 'inputs' (the public code, §2.1): L exits, stacked entry k = exit k at the INPUT of block k,
+  k = 0..L−1 (k = 0 runs no block); exit L is the backbone's own head;
+* 'outputs' (the paper: exits at layers 1..N, none that runs zero blocks): L−1 exits, stacked
+  entry j = exit k = j + 1 at the OUTPUT of block k (= the input of block k+1), k = 1..L−1; exit
+  L is the backbone's own head (jointly trained by L_simple), so no extra head or UEM sits on
+  the final stream.
+
+Exit k always means "k blocks executed". Exit heads need every block input to have the same
+shape, so a backbone with `uniform_tokens == False` is refused.
 
 Also here, because they only read heads and UEMs: their FLOPs (`kernel_flops`: 2·positions·kernel
 size per Dense/Conv kernel, from shapes), θ validation, the host prediction of exits for t-only
@@ -43,7 +61,10 @@ from jaxee.models import layers
 from jaxee.models.backbone import Backbone, as_backbone
 from jaxee.models.exit_heads import DiTExitHead, UViTExitHead, _dense, _torch_uniform  # noqa: F401
 
-UEM_KINDS = ("token_mean", "timestep_aware")
+UEM_KINDS = ("token_mean", "timestep_aware", "paper_map")
+MAP_UEMS = ("paper_map",)              # per-element uncertainty maps (training reads the map)
+TIME_UEMS = ("timestep_aware", "paper_map")  # UEMs that read e(t)
+LAYOUTS = ("inputs", "outputs")
 
 
 class TokenMeanUEM(nn.Module):
@@ -66,6 +87,41 @@ class TimestepAwareUEM(nn.Module):
     return jax.nn.sigmoid(_dense(1, 2 * self.dim, "linear")(feats)[..., 0])
 
 
+class PaperMapUEM(nn.Module):
+  """The paper's UEM (module docstring): map (B, H, W, C) by `uncertainty_map`, its mean (B,)."""
+  dim: int
+  backbone: Any  # the contract view (`Backbone`), for `pixels_per_token` / `tokens_to_image`
+  channels: int
+
+  def setup(self):
+    out = self.backbone.pixels_per_token * self.channels
+    dense = lambda n: nn.Dense(n, kernel_init=_torch_uniform(self.dim),  # noqa: E731
+                               bias_init=_torch_uniform(self.dim))
+    self.linear = dense(out)           # W, b
+    self.time_scale = dense(self.dim)  # γ(t): w_t = diag(1 + γ(t))·W
+    self.time_bias = dense(out)        # β(t): b_t = b + β(t)
+
+  def uncertainty_map(self, tokens: jax.Array, t_emb: jax.Array) -> jax.Array:
+    gamma = self.time_scale(t_emb)[:, None, :]
+    logits = self.linear(tokens * (1.0 + gamma)) + self.time_bias(t_emb)[:, None, :]
+    return self.backbone.tokens_to_image(jax.nn.sigmoid(logits))
+
+  def __call__(self, tokens: jax.Array, t_emb: jax.Array) -> jax.Array:
+    return reduce_map(self.uncertainty_map(tokens, t_emb))
+
+
+def reduce_map(u_map: jax.Array) -> jax.Array:
+  """The exit score of an uncertainty map: the mean over its H·W·C elements, (B, ...) → (B,)."""
+  return u_map.reshape(u_map.shape[0], -1).mean(axis=-1)
+
+
+def check_layout(layout: str) -> int:
+  """The first exit layer of `layout` (0 for 'inputs', 1 for 'outputs'); ValueError otherwise."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown DeeDiff exit layout {layout!r}; choose from {LAYOUTS}")
+  return LAYOUTS.index(layout)
+
+
 def backbone(model: Any) -> Backbone:
   """The model at 'block' granularity; ValueError unless its block inputs share one shape."""
   bb = as_backbone(model, "block")
@@ -75,9 +131,13 @@ def backbone(model: Any) -> Backbone:
   return bb
 
 
-def num_exits(model: Any) -> int:
-  """L = number of blocks in execution order; exits k = 0..L−1, k = L is the backbone head."""
-  return backbone(model).num_units
+def num_exits(model: Any, layout: str = "inputs") -> int:
+  """Stacked exits: L (blocks in execution order) for 'inputs', L − 1 for 'outputs'."""
+  num = backbone(model).num_units
+  off = check_layout(layout)
+  if num - off < 1:
+    raise ValueError(f"layout {layout!r} needs at least {off + 1} blocks, the model has {num}")
+  return num - off
 
 
 def width(model: Any) -> int:
@@ -95,6 +155,9 @@ def make_uem(model: Any, kind: str) -> nn.Module:
     return TokenMeanUEM(width(model))
   if kind == "timestep_aware":
     return TimestepAwareUEM(width(model))
+  if kind == "paper_map":
+    bb = backbone(model)
+    return PaperMapUEM(bb.width, bb, int(bb.input_shape[-1]))
   raise ValueError(f"unknown UEM {kind!r}; choose from {UEM_KINDS}")
 
 
@@ -137,37 +200,37 @@ def _stacked_init(module: nn.Module, n: int, rng, tokens, ctx):
 
 
 def init_deediff_params(model: Any, rng, uem: str = "token_mean",
-                        backbone_params: Optional[Any] = None) -> dict:
-  """Stacked head and UEM params for all L exits: {'heads': ..., 'uems': ...}.
+                        backbone_params: Optional[Any] = None, layout: str = "inputs") -> dict:
+  """Stacked head and UEM params for all exits: {'heads': ..., 'uems': ...}.
 
   Args:
     model: backbone implementing the contract (DiT, U-ViT, ...).
     rng: PRNG key.
-    uem: 'token_mean' or 'timestep_aware'.
+    uem: 'token_mean', 'timestep_aware' or 'paper_map'.
     backbone_params: if given, every exit head starts as a copy of the backbone's own head
       (`bb.head_params_for_exit`: DiT `final_layer` adaLN + linear; U-ViT `norm`, `decoder_pred`
       and, with `conv`, the 3×3 `final_layer`), which is a warm start for fine-tuning; otherwise
       PyTorch-default init as in the public code (§2.3).
+    layout: 'inputs' (public, exits 0..L−1) or 'outputs' (paper, exits 1..L−1; module docstring).
 
   Returns:
-    A param pytree, leaves with a leading axis L = `num_exits(model)`.
+    A param pytree, leaves with a leading axis `num_exits(model, layout)`.
   """
   if uem not in UEM_KINDS:
     raise ValueError(f"unknown UEM {uem!r}; choose from {UEM_KINDS}")
+  n = num_exits(model, layout)
   tokens, ctx, t_emb = _example(model)
   k_head, k_uem = jax.random.split(rng)
-  n = num_exits(model)
   heads = _stacked_init(make_head(model), n, k_head, tokens, ctx)
   uems = _stacked_init(make_uem(model, uem), n, k_uem, tokens, t_emb)
   if backbone_params is not None:
-    heads = _heads_from_backbone(model, backbone_params, heads)
+    heads = _heads_from_backbone(model, backbone_params, heads, n)
   return {"heads": heads, "uems": uems}
 
 
-def _heads_from_backbone(model: Any, backbone_params: Any, heads: dict) -> dict:
-  """Replaces the stacked head params by L copies of the backbone head's params."""
+def _heads_from_backbone(model: Any, backbone_params: Any, heads: dict, n: int) -> dict:
+  """Replaces the stacked head params by n copies of the backbone head's params."""
   src = backbone(model).head_params_for_exit(backbone_params)
-  n = num_exits(model)
   copied = jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (n,) + jnp.shape(a)), src)
   out = dict(heads)
   out.update(copied)
@@ -189,8 +252,9 @@ def _expected_shapes(model: Any, uem: str):
   return out
 
 
-def check_deediff_params(model: Any, ee_params: Any, uem: str) -> None:
-  """Raises ValueError unless `ee_params` are L stacked heads and UEMs of kind `uem` for `model`.
+def check_deediff_params(model: Any, ee_params: Any, uem: str, layout: str = "inputs") -> None:
+  """Raises ValueError unless `ee_params` are the stacked heads and UEMs of kind `uem` of
+  `layout` for `model`.
 
   Only shapes are read, so this also works on traced params.
   """
@@ -199,7 +263,7 @@ def check_deediff_params(model: Any, ee_params: Any, uem: str) -> None:
   if not isinstance(ee_params, dict) or set(ee_params) != {"heads", "uems"}:
     raise ValueError("ee_params must be a dict {'heads': ..., 'uems': ...} "
                      "(see init_deediff_params)")
-  n = num_exits(model)
+  n = num_exits(model, layout)
   expected = _expected_shapes(model, uem)
   for part in ("heads", "uems"):
     want, got = expected[part], ee_params[part]
@@ -209,7 +273,8 @@ def check_deediff_params(model: Any, ee_params: Any, uem: str) -> None:
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       if tuple(jnp.shape(g)) != (n,) + tuple(w.shape):
         raise ValueError(f"ee_params[{part!r}] leaf has shape {tuple(jnp.shape(g))}, expected "
-                         f"{(n,) + tuple(w.shape)} ({n} exits; uem={uem!r})")
+                         f"{(n,) + tuple(w.shape)} ({n} exits; uem={uem!r}, "
+                         f"layout={layout!r})")
 
 
 def validate_threshold(threshold) -> float:
@@ -256,12 +321,14 @@ def exit_head_flops(model: Any) -> float:
 
 @functools.lru_cache(maxsize=64)
 def uem_flops(model: Any, kind: str) -> float:
-  """FLOPs of one UEM per sample: N·D products (token_mean) or 2D (timestep_aware)."""
+  """FLOPs of one UEM per sample: N·D products (token_mean), 2D (timestep_aware), or
+  N·D·p²C + D² + D·p²C (paper_map: the per-token map and the two time generators)."""
   tokens, _, t_emb = _example(model)
   return kernel_flops(make_uem(model, kind), tokens, t_emb)
 
 
-def predict_exits(model: Any, ee_params: Any, uem: str, threshold, nfe_times):
+def predict_exits(model: Any, ee_params: Any, uem: str, threshold, nfe_times,
+                  layout: str = "inputs"):
   """Exit index per NFE when the exits cannot depend on the tokens, else None.
 
   That is the case for timestep-aware UEMs whose weights on the pooled tokens are all zero
@@ -284,12 +351,14 @@ def predict_exits(model: Any, ee_params: Any, uem: str, threshold, nfe_times):
     emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
   u = 1.0 / (1.0 + np.exp(-(emb @ kernel[:, d:].T + bias[None])))  # (NFE, L)
   hit = u <= float(threshold)
-  return np.where(hit.any(axis=1), np.argmax(hit, axis=1), kernel.shape[0]).astype(np.int64)
+  off = check_layout(layout)
+  return np.where(hit.any(axis=1), np.argmax(hit, axis=1) + off,
+                  kernel.shape[0] + off).astype(np.int64)
 
 
 def scripted_uem_params(model: Any, ee_params: Any, threshold: float, depth_at_noise: float,
                         depth_at_clean: Optional[float] = None, sharpness: float = 8.0,
-                        schedule: Optional[str] = None) -> dict:
+                        schedule: Optional[str] = None, layout: str = "inputs") -> dict:
   """Timestep-aware UEM params whose exit layer is a chosen linear function of τ (benchmarks).
 
   With random backbones u carries no information, so a benchmark of the batched runner needs a
@@ -307,6 +376,7 @@ def scripted_uem_params(model: Any, ee_params: Any, threshold: float, depth_at_n
     depth_at_clean: exit layer K at τ = 0 (default L, i.e. no exit near the data).
     sharpness: logit slope per layer.
     schedule: time convention mapping network time to τ (default the model's).
+    layout: the exit layout of `ee_params`.
 
   Returns:
     ee_params with the UEM weights replaced.
@@ -314,8 +384,9 @@ def scripted_uem_params(model: Any, ee_params: Any, threshold: float, depth_at_n
   theta = validate_threshold(threshold)
   if not 0.0 < theta < 1.0:
     raise ValueError(f"scripted UEMs need 0 < θ < 1, got {threshold}")
-  check_deediff_params(model, ee_params, "timestep_aware")
-  num = num_exits(model)
+  check_deediff_params(model, ee_params, "timestep_aware", layout)
+  num = backbone(model).num_units
+  layers_k = np.arange(check_layout(layout), num)  # the exit layer k of each stacked entry
   d = width(model)
   k_clean = float(num if depth_at_clean is None else depth_at_clean)
   per_unit = float(plan_lib.model_time_to_unit(1.0, plan_lib.time_schedule(model, schedule)))
@@ -323,8 +394,8 @@ def scripted_uem_params(model: Any, ee_params: Any, threshold: float, depth_at_n
   idx = int(np.argmin(freqs))
   f = float(freqs[idx])
   logit_theta = math.log(theta / (1.0 - theta))
-  kernel = np.zeros((num, 2 * d, 1), np.float32)
+  kernel = np.zeros((len(layers_k), 2 * d, 1), np.float32)
   kernel[:, d + d // 2 + idx, 0] = sharpness * (depth_at_noise - k_clean) * per_unit / f
-  bias = (sharpness * (k_clean - np.arange(num) - 0.5) + logit_theta).astype(np.float32)
+  bias = (sharpness * (k_clean - layers_k - 0.5) + logit_theta).astype(np.float32)
   uems = {"linear": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)[:, None]}}
   return dict(ee_params, uems=uems)

@@ -40,11 +40,13 @@ def param_path(path, sep: str = "/") -> str:
   return sep.join(parts)
 
 
-def save_deediff_heads(path, ee_params: Any, *, threshold: float, uem: str) -> str:
-  """Writes DeeDiff heads/UEMs and their θ/UEM kind to `path` (`.npz`, atomically)."""
+def save_deediff_heads(path, ee_params: Any, *, threshold: float, uem: str,
+                       layout: str = "inputs") -> str:
+  """Writes DeeDiff heads/UEMs and their θ, UEM kind and exit layout ('inputs': exits 0..L−1,
+  'outputs': the paper's 1..L−1) to `path` (`.npz`, atomically)."""
   flat = {param_path(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(ee_params)[0]}
-  meta = json.dumps({"threshold": float(threshold), "uem": uem})
+  meta = json.dumps({"threshold": float(threshold), "uem": uem, "layout": layout})
   atomic_io.atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta), **flat))
   return str(path)
 
@@ -52,7 +54,8 @@ def save_deediff_heads(path, ee_params: Any, *, threshold: float, uem: str) -> s
 def load_deediff_heads(path) -> Tuple[Dict[str, Any], dict]:
   """(ee_params, meta) from a DeeDiff workdir or its `deediff_heads.npz` (no pickles read).
 
-  `meta` holds the trained θ (`threshold`) and the UEM kind (`uem`).
+  `meta` holds the trained θ (`threshold`), the UEM kind (`uem`) and the exit layout
+  (`layout`; 'inputs' for files written before layouts existed).
   """
   path = pathlib.Path(path)
   if path.is_dir():
@@ -64,6 +67,7 @@ def load_deediff_heads(path) -> Tuple[Dict[str, Any], dict]:
       if "__meta__" not in data.files:
         raise ValueError(f"{path} is not a DeeDiff heads file (no __meta__ entry)")
       meta = json.loads(str(data["__meta__"]))
+      meta.setdefault("layout", "inputs")
       ee: Dict[str, Any] = {}
       for key in data.files:
         if key == "__meta__":
@@ -129,7 +133,7 @@ def load_plan(path, **options):
     threshold = options.pop("threshold", None)
     return deediff_lib.DeeDiffPlan(
         ee, threshold=float(meta["threshold"] if threshold is None else threshold),
-        uem=meta.get("uem", "token_mean"), **options)
+        uem=meta.get("uem", "token_mean"), layout=meta["layout"], **options)
   try:
     return masks_lib.load_mask_plan(str(path))
   except Exception as e:  # JSON/shape errors of an .npz that is not a mask plan

@@ -172,7 +172,8 @@ def _deediff(args, spec, model, params, options, rng):
   threshold = options.get("threshold")
   return deediff.DeeDiffPlan(ee, threshold=float(meta["threshold"] if threshold is None
                                                  else threshold),
-                             uem=meta.get("uem", "token_mean"), **extra)
+                             uem=meta.get("uem", "token_mean"), layout=meta["layout"],
+                             **extra)
 
 
 def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times=None,

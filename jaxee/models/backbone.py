@@ -239,6 +239,19 @@ class Backbone:
     raise NotImplementedError
 
   @property
+  def pixels_per_token(self) -> int:
+    """Output positions per image token (p² for p×p patches); sizes per-token map heads."""
+    raise NotImplementedError(f"{type(self).__name__} has no token-to-image map")
+
+  def tokens_to_image(self, values: jax.Array) -> jax.Array:
+    """Per-token values (B, num_tokens, pixels_per_token·k) → an image map (B, H, W, k).
+
+    The layout of the backbone's own head: the non-image tokens are dropped, then the image
+    tokens are unpatchified exactly as the head's output is (DeeDiff's per-element UEM map).
+    """
+    raise NotImplementedError(f"{type(self).__name__} has no token-to-image map")
+
+  @property
   def width(self) -> int:
     raise NotImplementedError
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxee.eval import flops as flops_lib
 from jaxee.models import backbone as bb_lib
+from jaxee.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,15 @@ class DiTBackbone(bb_lib.Backbone):
 
   def exit_context(self, state):
     return state["c"]
+
+  @property
+  def pixels_per_token(self) -> int:
+    return self.module.patch_size ** 2
+
+  def tokens_to_image(self, values):
+    """`unpatchify` as DiT's `FinalLayer` output (every token is an image token)."""
+    p = self.module.patch_size
+    return layers.unpatchify(values, p, values.shape[-1] // p ** 2)
 
   def head_params_for_exit(self, params):
     return {"adaLN_modulation": params["final_layer"]["adaLN_modulation"],

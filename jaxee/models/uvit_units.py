@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxee.eval import flops as flops_lib
 from jaxee.models import backbone as bb_lib
+from jaxee.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +169,16 @@ class UViTBackbone(bb_lib.Backbone):
     from jaxee.models import exit_heads  # pylint: disable=g-import-not-at-top
     m = self.module
     return exit_heads.UViTExitHead(m.embed_dim, m.patch_size, m.in_chans, m.extras)
+
+  @property
+  def pixels_per_token(self) -> int:
+    return self.module.patch_size ** 2
+
+  def tokens_to_image(self, values):
+    """Drop the `extras` (time/label) tokens, then `unpatchify` as the U-ViT head does."""
+    m = self.module
+    return layers.unpatchify(values[:, m.extras:], m.patch_size,
+                             values.shape[-1] // m.patch_size ** 2)
 
   def head_params_for_exit(self, params):
     src = {"norm": params["norm"], "linear": params["decoder_pred"]}

@@ -187,17 +187,39 @@ def ase_section(schedule: str, **overrides: Any) -> config_dict.ConfigDict:
 
 
 def deediff_section(threshold: float, **overrides: Any) -> config_dict.ConfigDict:
-  """`config.deediff` (§2.4–2.6, §5.2): λ = β = 1, MLP-probe UEM, frozen backbone."""
+  """`config.deediff` (§2.4–2.6, §5.2): λ = β = 1, MLP-probe UEM, frozen backbone.
+
+  The field defaults are the public re-implementation's heads (`razvanmatisan/duodiff`);
+  `DEEDIFF_RECIPES` holds the overrides of the two named recipes of `configs/deediff_uvit.py`.
+  """
   return _section(dict(
       threshold=float(threshold),            # θ, used at sampling time (exported)
-      variant="paper",                       # 'paper' | 'public' (duodiff trainer.py)
-      uem="token_mean",                      # 'token_mean' (mlp_probe_per_layer) | 'timestep_aware'
+      variant="paper",                       # loss: 'paper' | 'public' (duodiff trainer.py)
+      uem="token_mean",                      # 'token_mean' (mlp_probe_per_layer) |
+                                             # 'timestep_aware' | 'paper_map' (Eq. 8–9 map)
+      layout="inputs",                       # 'inputs' (exits 0..L−1) | 'outputs' (1..L−1)
       lam=1.0,
       beta=1.0,
       freeze_backbone=True,                  # `--load_backbone ... --freeze_backbone`
       heads_from_backbone=False,
       unweighted_head_loss=False,            # `--use_unweighted_loss`
   ), overrides, "deediff")
+
+
+# The two DeeDiff recipes (`configs/deediff_uvit.py`): `config.deediff` overrides and the AdamW
+# betas. 'paper' = Tang et al. 2023 (§3.4, §4.1, §6.1; `research/paper_results.md` §2.3): the
+# per-element UEM of Eq. 8–9, exits at layers 1..N, backbone + heads + UEMs trained jointly,
+# λ = β = 1, AdamW lr 2e-4, wd 0.03, (β₁, β₂) = (0.99, 0.99). 'adadiff_public' = the public
+# re-implementation (`razvanmatisan/duodiff`, `research/ee_methods.md` §2.1–2.5): token-mean MLP
+# probe at the input of every block, frozen backbone, its exact loss, betas (0.99, 0.999).
+DEEDIFF_RECIPES: Dict[str, Dict[str, Any]] = {
+    "paper": dict(section=dict(variant="paper", uem="paper_map", layout="outputs",
+                               freeze_backbone=False, lam=1.0, beta=1.0),
+                  betas=(0.99, 0.99)),
+    "adadiff_public": dict(section=dict(variant="public", uem="token_mean", layout="inputs",
+                                        freeze_backbone=True, lam=1.0, beta=1.0),
+                           betas=(0.99, 0.999)),
+}
 
 
 def duodiff_section(t_switch: float = 300.0, **overrides: Any) -> config_dict.ConfigDict:

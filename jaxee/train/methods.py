@@ -132,6 +132,9 @@ def _validate_deediff(config, model, p: list) -> None:
              f"{deediff_obj.VARIANTS}")
   if d.uem not in deediff_heads.UEM_KINDS:
     p.append(f"config.deediff.uem {d.uem!r} unknown; choose from {deediff_heads.UEM_KINDS}")
+  if d.layout not in deediff_heads.LAYOUTS:
+    p.append(f"config.deediff.layout {d.layout!r} unknown; choose from "
+             f"{deediff_heads.LAYOUTS}")
   for name in ("lam", "beta"):
     if float(d[name]) < 0:
       p.append(f"config.deediff.{name} must be >= 0, got {d[name]}")
@@ -316,18 +319,20 @@ def _build_deediff(config, model, params, rng) -> MethodSetup:
   uem = d.uem
   freeze = bool(d.freeze_backbone)
   schedule, label_dropout = _loss_section(config)
+  layout = d.layout
   train_params = deediff_obj.init_deediff_train_params(
-      model, params, rng, uem=uem, heads_from_backbone=bool(d.heads_from_backbone))
+      model, params, rng, uem=uem, heads_from_backbone=bool(d.heads_from_backbone),
+      layout=layout)
   loss_fn = deediff_obj.make_deediff_loss(
       model, schedule, lam=float(d.lam), beta=float(d.beta), variant=d.variant,
       train_backbone=not freeze, uem=uem, unweighted_head_loss=bool(d.unweighted_head_loss),
-      label_dropout=label_dropout)
+      label_dropout=label_dropout, layout=layout)
   threshold = float(d.threshold)
 
   def exporter(workdir, weights):
     _export_weights(workdir, model, weights["backbone"], "jaxee DeeDiff backbone")
     return plan_io.save_deediff_heads(pathlib.Path(workdir) / DEEDIFF_FILE, weights["deediff"],
-                                      threshold=threshold, uem=uem)
+                                      threshold=threshold, uem=uem, layout=layout)
 
   return MethodSetup("deediff", model, train_params, loss_fn,
                      ("backbone/.*",) if freeze else (), exporter=exporter)

@@ -18,6 +18,21 @@ e_i = g_i(L_i) − ε on the ε channels (a learned-σ DiT head's σ channels ar
   L_UAL = Σ_i mean_b (1 − û_i)·mse_i (weighted by the pseudo-target û, gradients through û);
   optional `unweighted_head_loss` adds L_L = Σ_i mean_b mse_i (`--use_unweighted_loss`).
 
+With a map UEM (`uem='paper_map'`, the paper's Eq. 8–9: one uncertainty u_i per output element)
+the pseudo-target is per element, û_i = tanh|e_i| (B, H, W, C) (stop-gradient for 'paper'), and
+both terms are taken per element, then averaged over the H·W·C elements of a sample (the scale of
+L_simple) before the variant's reduction over (i, b):
+'paper': L_u = Σ_i mean_b mean_{HWC} (u_i − û_i)², L_UAL = Σ_i mean_b mean_{HWC} (1 − u_i)·e_i²
+(each element's squared error weighted by its own predicted certainty; the weight is not
+detached, as for the scalar UEMs, so L_UAL also pulls u towards 1 where the error is large while
+L_u ties u to û); 'public': the same with û not detached, L_u summed over (i, b) and the weight
+(1 − û_i).
+
+Exit layouts (`exits.deediff_heads.LAYOUTS`): 'inputs' (public: exits at the inputs of blocks
+0..L−1) or 'outputs' (paper: exits at the outputs of blocks 1..L−1; the final exit L is the
+backbone head, trained by L_simple). The paper trains backbone, heads and UEMs jointly
+(`train_backbone=True`, the default here).
+
 L_simple is the backbone's own loss on its final output (`diffusion.make_diffusion_loss`: DiT's
 hybrid ε-MSE + VLB with learned σ, U-ViT's ε-MSE), with the same label dropout and the same draws
 of t and noise from the same key, so with the heads removed it equals `make_diffusion_loss`
@@ -46,10 +61,11 @@ VARIANTS = ("paper", "public")
 
 
 def init_deediff_train_params(model: Any, backbone_params: Any, rng, *, uem: str = "token_mean",
-                              heads_from_backbone: bool = False) -> dict:
-  """`{'backbone': backbone_params, 'deediff': init_deediff_params(model, rng, uem)}`."""
+                              heads_from_backbone: bool = False, layout: str = "inputs") -> dict:
+  """`{'backbone': backbone_params, 'deediff': init_deediff_params(model, rng, uem, ...)}`."""
   ee = heads_lib.init_deediff_params(
-      model, rng, uem, backbone_params=backbone_params if heads_from_backbone else None)
+      model, rng, uem, backbone_params=backbone_params if heads_from_backbone else None,
+      layout=layout)
   return {"backbone": backbone_params, "deediff": ee}
 
 
@@ -91,14 +107,15 @@ def exit_terms(outs, u, target, *, variant: str = "paper", detach_target: Option
 
   Args:
     outs: exit head outputs (L, B, H, W, C_out); the first C channels are compared with target.
-    u: UEM outputs (L, B).
+    u: UEM outputs (L, B), or per-element uncertainty maps (L, B, H, W, C) (module docstring).
     target: ε (B, H, W, C).
     variant: 'paper' or 'public' (module docstring).
     detach_target: stop-gradient on û (default: True for 'paper', False for 'public').
     unweighted_head_loss: add L_L = Σ_i mean_b mse_i.
 
   Returns:
-    dict with scalars `l_u`, `l_ual`, `l_l` and the (L, B) arrays `u_hat`, `head_mse`.
+    dict with scalars `l_u`, `l_ual`, `l_l` and the (L, B) arrays `u_hat` (per-sample mean of
+    the pseudo-target), `head_mse`.
   """
   if variant not in VARIANTS:
     raise ValueError(f"unknown DeeDiff loss variant {variant!r}; choose from {VARIANTS}")
@@ -106,6 +123,8 @@ def exit_terms(outs, u, target, *, variant: str = "paper", detach_target: Option
     detach_target = variant == "paper"
   err = outs[..., :target.shape[-1]] - target[None]
   axes = tuple(range(2, err.ndim))
+  if u.ndim > 2:
+    return _map_terms(err, u, axes, variant, detach_target, unweighted_head_loss)
   u_hat = jnp.mean(jnp.tanh(jnp.abs(err)), axis=axes)
   if detach_target:
     u_hat = jax.lax.stop_gradient(u_hat)
@@ -120,11 +139,31 @@ def exit_terms(outs, u, target, *, variant: str = "paper", detach_target: Option
   return {"l_u": l_u, "l_ual": l_ual, "l_l": l_l, "u_hat": u_hat, "head_mse": head_mse}
 
 
+def _map_terms(err, u, axes, variant, detach_target, unweighted_head_loss) -> dict:
+  """`exit_terms` for per-element uncertainty maps u (L, B, H, W, C) (module docstring)."""
+  if u.shape != err.shape:
+    raise ValueError(f"uncertainty maps {u.shape} do not match the exit errors {err.shape}")
+  u_hat = jnp.tanh(jnp.abs(err))
+  if detach_target:
+    u_hat = jax.lax.stop_gradient(u_hat)
+  sq = err ** 2
+  head_mse = jnp.mean(sq, axis=axes)
+  per_u = jnp.mean((u - u_hat) ** 2, axis=axes)                   # (L, B)
+  weight = (1.0 - u) if variant == "paper" else (1.0 - u_hat)
+  per_ual = jnp.mean(weight * sq, axis=axes)                      # (L, B)
+  l_u = jnp.sum(jnp.mean(per_u, axis=1)) if variant == "paper" else jnp.sum(per_u)
+  l_ual = jnp.sum(jnp.mean(per_ual, axis=1))
+  l_l = jnp.sum(jnp.mean(head_mse, axis=1)) if unweighted_head_loss else jnp.float32(0)
+  return {"l_u": l_u, "l_ual": l_ual, "l_l": l_l, "u_hat": jnp.mean(u_hat, axis=axes),
+          "head_mse": head_mse}
+
+
 def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, beta: float = 1.0,
                       variant: str = "paper", train_backbone: bool = True,
                       uem: str = "token_mean", detach_target: Optional[bool] = None,
                       unweighted_head_loss: bool = False, label_dropout: Optional[float] = None,
-                      image_key: str = "image", label_key: str = "label"):
+                      image_key: str = "image", label_key: str = "label",
+                      layout: str = "inputs"):
   """The DeeDiff objective (module docstring) for `jaxee/train/step.py`.
 
   Args:
@@ -139,6 +178,7 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
     unweighted_head_loss: add the public code's optional L_L (weight 1).
     label_dropout: CFG label-drop probability (default as `make_diffusion_loss`).
     image_key, label_key: batch keys.
+    layout: exit layout of `params['deediff']` ('inputs' public, 'outputs' paper).
 
   Returns:
     `loss_fn(params, batch, rng, *, train_state_extras=None) -> (loss, metrics)` with
@@ -148,6 +188,7 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
     raise ValueError(f"unknown DeeDiff loss variant {variant!r}; choose from {VARIANTS}")
   if uem not in heads_lib.UEM_KINDS:
     raise ValueError(f"unknown UEM {uem!r}; choose from {heads_lib.UEM_KINDS}")
+  heads_lib.check_layout(layout)
   if schedule is None or isinstance(schedule, str):
     schedule = diffusion_obj.training_schedule(model, schedule)
   if label_dropout is None:
@@ -169,7 +210,8 @@ def make_deediff_loss(model: Any, schedule: Any = None, *, lam: float = 1.0, bet
                                     label_dropout)
     draw = draw_noisy_inputs(schedule, x0, loss_key)
     final, outs, u = deediff_lib.forward_all_exits(model, backbone, params["deediff"],
-                                                   draw["x_t"], draw["t_net"], y, uem)
+                                                   draw["x_t"], draw["t_net"], y, uem, layout,
+                                                   uem_maps=True)
     simple = backbone_loss(schedule, final, x0, draw)
     l_simple = jnp.mean(simple["loss"])
     terms = exit_terms(outs, u, draw["noise"], variant=variant, detach_target=detach_target,
