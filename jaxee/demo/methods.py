@@ -10,8 +10,9 @@ and the sampling variants are rebuilt from those exports with the loaders of `ja
 * 'ase': the ASE fine-tuned backbone with its schedule (`ASEPlan`);
 * 'ase_no_finetune': the same schedule on the un-tuned backbone (the ablation showing what the
   fine-tuning buys);
-* 'deediff': the frozen backbone with trained heads/UEMs and the real batched exit
-  (`DeeDiffPlan(mode='batched')`); θ is calibrated here (`calibrate_threshold`);
+* 'deediff': the paper recipe — backbone, heads and per-element UEMs trained jointly, exits at
+  layers 1..N — with the real batched exit (`DeeDiffPlan(mode='batched')`); θ is calibrated here
+  (`calibrate_threshold`); 'deediff_backbone' is the jointly trained backbone without exits;
 * 'deediff_exact': the same heads and θ with the papers' "simulated" exit (`mode='exact'`: every
   block runs, each sample takes its own first exit) — the per-sample quality reference, whose
   mean exit index is the layer ratio the papers report, at no real saving;
@@ -129,16 +130,22 @@ def train_ase(arch, scale, seed, root, model, params, log: Log):
 
 
 def train_deediff(arch, scale, seed, root, model, params, log: Log):
-  """Stage 'deediff': heads + UEMs on the frozen backbone; returns (ee_params, uem)."""
+  """Stage 'deediff': the paper recipe, backbone + heads + UEMs trained jointly from the backbone.
+
+  Returns (jointly trained backbone params, ee_params, meta with 'uem' and 'layout').
+  """
   from jaxee.train import methods  # pylint: disable=g-import-not-at-top
   config = demo_setup.stage_config("deediff", arch, scale, seed,
                                    num_steps=scale.deediff_steps, lr=scale.deediff_lr,
                                    section=demo_setup.deediff_section())
+  config.optim.b1, config.optim.b2 = demo_setup.deediff_betas()
   summary = _train(config, root / "deediff", model, params)
-  _, _, ee, meta = methods.load_deediff_export(root / "deediff")
-  log(f"[{arch}] deediff: {scale.deediff_steps} steps, final loss "
+  _, joint, ee, meta = methods.load_deediff_export(root / "deediff")
+  log(f"[{arch}] deediff: {scale.deediff_steps} steps (joint, UEM '{meta['uem']}', exits "
+      f"{meta.get('layout', 'inputs')}), final loss "
       f"{summary['metrics'].get('loss', float('nan')):.4f}")
-  return jax.tree.map(jnp.asarray, ee), meta["uem"]
+  meta = dict(meta, layout=meta.get("layout", "inputs"))
+  return joint, jax.tree.map(jnp.asarray, ee), meta
 
 
 def train_duodiff(arch, scale, seed, root, model, params, log: Log):
@@ -180,8 +187,11 @@ def teacher_trajectory(arch: str, model, params, scale, seed: int, num: int):
   return masks_obj.record_teacher(model, params, opts, jax.random.PRNGKey(seed + 17))
 
 
-def exit_uncertainties(model, params, ee, uem: str, traj) -> np.ndarray:
+def exit_uncertainties(model, params, ee, uem: str, traj, layout: str = "inputs") -> np.ndarray:
   """u (NFE, L, B_net): every UEM at every NFE input of a recorded teacher trajectory.
+
+  Row k is the exit taken after k blocks. With the paper's exits 1..N (`layout='outputs'`)
+  there is no exit after 0 blocks: row 0 is +inf (never exits).
 
   Args:
     model: backbone.
@@ -189,6 +199,7 @@ def exit_uncertainties(model, params, ee, uem: str, traj) -> np.ndarray:
     ee: heads/UEMs.
     uem: UEM kind.
     traj: `teacher_trajectory(...)` (`x` (NFE, B_net, H, W, C), `t` (NFE,), `y` (B_net,)).
+    layout: the heads' layout ('inputs' | 'outputs').
 
   Returns:
     float64 array (NFE, L, B_net).
@@ -198,10 +209,13 @@ def exit_uncertainties(model, params, ee, uem: str, traj) -> np.ndarray:
   @jax.jit
   def one(x, t):
     t_net = jnp.full((x.shape[0],), t, jnp.float32)
-    return deediff_lib.forward_all_exits(model, params, ee, x, t_net, y, uem)[2]
+    return deediff_lib.forward_all_exits(model, params, ee, x, t_net, y, uem, layout)[2]
 
-  return np.stack([np.asarray(one(jnp.asarray(x), jnp.float32(t)), np.float64)
-                   for x, t in zip(traj.x, traj.t)])
+  u = np.stack([np.asarray(one(jnp.asarray(x), jnp.float32(t)), np.float64)
+                for x, t in zip(traj.x, traj.t)])
+  if layout == "outputs":
+    u = np.concatenate([np.full_like(u[:, :1], np.inf), u], axis=1)
+  return u
 
 
 def batched_exit_depths(u: np.ndarray, threshold: float, min_fraction: float) -> np.ndarray:
@@ -240,7 +254,7 @@ def calibrate_threshold(u: np.ndarray, target_ratio: float, min_fraction: float)
 
 
 def measured_exit_ratio(model, params, ee, uem: str, threshold: float, scale, seed: int,
-                        arch: str) -> float:
+                        arch: str, layout: str = "inputs") -> float:
   """Mean executed-block fraction of the real batched runner at θ, in a calibration run.
 
   Samples `deediff_calib_samples` digits with the demo's sampler settings from start noise
@@ -249,7 +263,7 @@ def measured_exit_ratio(model, params, ee, uem: str, threshold: float, scale, se
   """
   from jaxee.demo import evaluate as demo_eval  # pylint: disable=g-import-not-at-top
   plan = deediff_lib.DeeDiffPlan(ee, threshold=threshold, mode="batched",
-                                 min_fraction=scale.deediff_min_fraction, uem=uem)
+                                 min_fraction=scale.deediff_min_fraction, uem=uem, layout=layout)
   x_T, labels = demo_eval.eval_inputs(model, scale.deediff_calib_samples, seed + 29)
   call = demo_eval.make_sampler(model, Variant("calib", "deediff", params, plan), x_T, labels,
                                 scale.sample_steps, scale.arch_value("guidance", arch))
@@ -258,7 +272,7 @@ def measured_exit_ratio(model, params, ee, uem: str, threshold: float, scale, se
 
 
 def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scale, seed: int,
-                     arch: str, log: Log) -> dict:
+                     arch: str, log: Log, layout: str = "inputs") -> dict:
   """Closes the loop on θ: sampling *with* exits drifts from the teacher trajectory.
 
   The open-loop θ of `calibrate_threshold` is exact on the full model's trajectory, but once
@@ -273,7 +287,7 @@ def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scal
   current = cal
   for it in range(scale.deediff_refine_iters + 1):
     measured = measured_exit_ratio(model, params, ee, uem, current["threshold"], scale, seed,
-                                   arch)
+                                   arch, layout)
     tried.append({"threshold": current["threshold"], "predicted_ratio": current["predicted_ratio"],
                   "measured_ratio": measured})
     log(f"[{arch}] deediff: θ = {current['threshold']:.4f} measured executed-block fraction "
@@ -316,28 +330,33 @@ def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) ->
     variants.append(Variant("ase", "ase", tuned, plan, facts))
     variants.append(Variant("ase_no_finetune", "ase", params, plan, dict(facts, ablation=True)))
   if "deediff" in wanted:
-    ee, uem = clock.run("deediff",
-                        lambda: train_deediff(arch, scale, seed, root, model, params, log))
+    joint, ee, meta = clock.run(
+        "deediff", lambda: train_deediff(arch, scale, seed, root, model, params, log))
+    uem, layout = meta["uem"], meta["layout"]
 
     def calibrate():
-      traj = teacher_trajectory(arch, model, params, scale, seed, scale.deediff_calib_samples)
-      u = exit_uncertainties(model, params, ee, uem, traj)
+      traj = teacher_trajectory(arch, model, joint, scale, seed, scale.deediff_calib_samples)
+      u = exit_uncertainties(model, joint, ee, uem, traj, layout)
       return u, calibrate_threshold(u, scale.deediff_target_ratio, scale.deediff_min_fraction)
     u, cal = clock.run("deediff_calibration", calibrate)
     log(f"[{arch}] deediff: θ = {cal['threshold']:.4f} (predicted executed-block fraction "
         f"{cal['predicted_ratio']:.3f}, target {cal['target_ratio']})")
     if scale.deediff_refine_iters > 0:
       cal = clock.run("deediff_refinement", lambda: refine_threshold(
-          model, params, ee, uem, u, cal, scale, seed, arch, log))
+          model, joint, ee, uem, u, cal, scale, seed, arch, log, layout))
     plan = dd.DeeDiffPlan(ee, threshold=cal["threshold"], mode="batched",
-                          min_fraction=scale.deediff_min_fraction, uem=uem)
-    info = dict(cal, uem=uem, num_exits=deediff_heads.num_exits(model),
-                u_mean_per_nfe_layer=np.round(u.mean(axis=2), 4).tolist())
-    variants.append(Variant("deediff", "deediff", params, plan, info))
+                          min_fraction=scale.deediff_min_fraction, uem=uem, layout=layout)
+    stacked = u[:, 1:] if layout == "outputs" else u     # the rows of real exits
+    info = dict(cal, uem=uem, layout=layout, joint=True,
+                num_exits=deediff_heads.num_exits(model, layout=layout),
+                u_mean_per_nfe_layer=np.round(stacked.mean(axis=2), 4).tolist())
+    variants.append(Variant("deediff", "deediff", joint, plan, info))
     # The papers' "simulated" exit: every block runs, each sample takes its own first exit.
-    exact = dd.DeeDiffPlan(ee, threshold=cal["threshold"], mode="exact", uem=uem)
-    variants.append(Variant("deediff_exact", "deediff", params, exact,
+    exact = dd.DeeDiffPlan(ee, threshold=cal["threshold"], mode="exact", uem=uem, layout=layout)
+    variants.append(Variant("deediff_exact", "deediff", joint, exact,
                             dict(threshold=cal["threshold"], uem=uem, reference=True)))
+    # The jointly trained backbone without exits: what the joint training did to the network.
+    variants.append(Variant("deediff_backbone", "full", joint, None, {"joint": True}))
   if "duodiff" in wanted:
     plan, shallow = clock.run("duodiff",
                               lambda: train_duodiff(arch, scale, seed, root, model, params, log))

@@ -22,15 +22,24 @@ import numpy as np
 from jaxee.eval import images as images_lib
 from jaxee.eval import report as report_lib
 
-ORDER = ("full", "ase", "ase_no_finetune", "deediff", "deediff_exact", "duodiff", "masks")
+ORDER = ("full", "ase", "ase_no_finetune", "ase_searched", "ase_searched_ft", "deediff",
+         "deediff_exact", "deediff_backbone", "duodiff", "masks", "masks_searched", "fora",
+         "teacache", "deepcache")
 DESCRIPTIONS = {
     "full": "full backbone, every block at every step",
-    "ase": "ASE: fine-tuned backbone + dropping schedule",
+    "ase": "ASE: fine-tuned backbone + the paper's dropping schedule",
     "ase_no_finetune": "ablation: the ASE schedule on the un-tuned backbone",
-    "deediff": "DeeDiff: heads/UEMs, batched early exit (θ calibrated)",
+    "ase_searched": "searched ASE schedule at the paper schedule's FLOPs, no fine-tuning",
+    "ase_searched_ft": "ASE fine-tuning with the searched schedule",
+    "deediff": "DeeDiff (paper recipe): joint training, per-element UEMs, batched early exit",
     "deediff_exact": "reference: DeeDiff per-sample exits simulated (every block runs)",
+    "deediff_backbone": "the DeeDiff jointly trained backbone without exits",
     "duodiff": "DuoDiff: shallow backbone for the noisiest steps",
-    "masks": "TABM: learned block mask + block-output cache",
+    "masks": "TABM: learned mask + output cache (DiT: MHA/MLP units; U-ViT/U-Net: blocks)",
+    "masks_searched": "searched mask at the TABM mask's FLOPs (training-free)",
+    "fora": "FORA baseline: full network every k-th step, cached branch outputs between",
+    "teacache": "TeaCache baseline: whole-step reuse when the accumulated input change is small",
+    "deepcache": "DeepCache baseline: deep U-Net features reused, shallow branch recomputed",
 }
 
 

@@ -16,8 +16,9 @@ training entry points (`jaxee.train.trainer.train` with a `config.method` of 'ba
 
 Method constants at demo scale and how they map to the papers (`research/ee_methods.md` §5):
 ASE uses the paper's D3-DiT / D2-U-ViT tables rescaled to the demo depth (`scale_to_model`), the
-λ(t) re-weighting in 'cycle' mode over the first half of fine-tuning; DeeDiff trains heads and
-UEMs on the frozen backbone (λ = β = 1, 'paper' variant); DuoDiff trains a shallow copy (DiT 2
+graded λ(t) re-weighting in 'cycle' mode over the first half of fine-tuning; DeeDiff is the
+paper recipe (per-element uncertainty maps, exits 1..N, backbone + heads + UEMs trained jointly,
+λ = β = 1, AdamW betas (0.99, 0.99)); DuoDiff trains a shallow copy (DiT 2
 blocks, U-ViT 3 layers) initialised from the deep model; TABM optimises a block mask for the
 demo's own sampler (DDIM-`sample_steps`) with the sparsity weight scaled to these tiny features.
 """
@@ -64,7 +65,7 @@ class DemoScale:
   ase_schedule: tuple = (("dit", "D3-DiT"), ("uvit", "D2-U-ViT"))
   # DeeDiff.
   deediff_steps: int = 400
-  deediff_lr: float = 2e-3
+  deediff_lr: float = 1e-3             # joint training moves the backbone too: half its peak lr
   deediff_target_ratio: float = 0.75   # θ is calibrated to this mean executed-block fraction
   deediff_min_fraction: float = 1.0
   deediff_refine_iters: int = 3        # closed-loop θ corrections (`refine_threshold`)
@@ -212,14 +213,21 @@ def ase_section(arch: str, scale: DemoScale) -> dict:
 
 
 def deediff_section() -> dict:
-  """`config.deediff` of the demo; θ here is a placeholder (the demo calibrates it).
+  """`config.deediff` of the demo: the paper recipe (`config_base.DEEDIFF_RECIPES['paper']`).
 
-  The exit heads start as copies of the backbone's own head (`heads_from_backbone`, a jaxee
-  option; the public code initialises them at random), which at this training length gives
-  much better early exits.
+  Per-element uncertainty maps (Eq. 8–9), exits at layers 1..N, backbone, heads and UEMs
+  trained jointly with λ = β = 1; θ here is a placeholder (the demo calibrates it). The exit
+  heads start as copies of the backbone's own head (`heads_from_backbone`, a jaxee option; the
+  paper does not say how heads are initialised), which at this training length gives much better
+  early exits.
   """
-  return dict(threshold=0.5, variant="paper", uem="token_mean", lam=1.0, beta=1.0,
-              freeze_backbone=True, heads_from_backbone=True, unweighted_head_loss=False)
+  recipe = config_base.DEEDIFF_RECIPES["paper"]["section"]
+  return dict(threshold=0.5, **recipe, heads_from_backbone=True, unweighted_head_loss=False)
+
+
+def deediff_betas() -> tuple:
+  """AdamW (β₁, β₂) of the paper recipe."""
+  return tuple(config_base.DEEDIFF_RECIPES["paper"]["betas"])
 
 
 def duodiff_section(arch: str, scale: DemoScale) -> dict:
