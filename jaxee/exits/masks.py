@@ -22,13 +22,15 @@ A plan is a (steps × units) binary table, row = NFE index, 1 = compute (`resear
   With `unit='block'` it is the same as 'block_output'. Rectification preserves the output
   exactly, as under block-output caching.
 
-Both are the backbone contract's cache semantics (`jaxee/models/backbone.py`): block-output
+All are the backbone contract's cache semantics (`jaxee/models/backbone.py`): block-output
 caching is granularity `'block'` (a reused unit's value replaces the stream, `enter` is free),
 branch caching is granularity `'branch'` (the backbone's `enter` computes the gates / the U-ViT
-skip fusion every step, `apply` re-gates the value). U-ViT units are ordered in-blocks, mid block,
-out-blocks (L2C's 29 for U-ViT-H). Row 0 is forced to ones (empty cache). The cache lives in the
-sampler's carry (the BoundPlan's `init_cache`: the contract's per-segment stacked values);
-caches refresh only where computed, so staleness can span several steps.
+skip fusion every step, `apply` re-gates the value), unit-output caching at `'branch'` stores
+each unit's output stream and completes the state with `settle`. U-ViT units are ordered
+in-blocks, mid block, out-blocks (L2C's 29 for U-ViT-H). Row 0 is forced to ones (empty cache).
+The cache lives in the sampler's carry (the BoundPlan's `init_cache`: per-segment stacked values
+or, for 'unit_output', output streams); caches refresh only where computed, so staleness can
+span several steps.
 
 Runner (`research/jax_style.md` §4.3 (c)): per segment one `lax.fori_loop` over the units with
 `lax.cond(mask[nfe_index, unit], compute, reuse)`; the mask row is batch-shared, so the predicate
