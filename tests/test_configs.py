@@ -19,7 +19,8 @@ SETTINGS = {
                      "celeba,adadiff_public", "imagenet256,adadiff_public,variant=paper,joint"],
     "duodiff": ["", "cifar10", "celeba", "imagenet64", "imagenet256", "celeba,t_switch=500",
                 "cifar10,init=deep"],
-    "masks_dit_imagenet256": ["", "ddim50", "ddim100"],
+    "masks_dit_imagenet256": ["", "ddim50", "ddim100", "unit=block"],
+    "masks_dit_imagenet512": ["", "unit=block"],
     "masks_ddpm_cifar10": ["", "steps=1000"],
 }
 
@@ -86,6 +87,23 @@ def test_deediff_recipes_match_the_paper_and_the_public_code(dataset, recipe, wa
     load("deediff_uvit", f"{dataset},recipe=deediff")
 
 
+def test_tabm_dit_configs_match_the_paper_settings():
+  """TABM Table 2 / §3.2 (`research/paper_results.md` §4.3): DiT-XL/2 at 256 with DDIM NFE 100
+  and at 512 with DDIM NFE 50, MHA and MLP masked separately, w(t) 0.1/0.5 → 2.0/1.5/1.0,
+  cache refresh at s > 0.5, rectification on, δ against the next executed step (t−1)."""
+  for name, size, steps in (("masks_dit_imagenet256", 32, 100), ("masks_dit_imagenet512", 64, 50)):
+    c = load(name)
+    m = c.masks
+    assert (c.model.arch, c.model.overrides.input_size, c.model.overrides.num_classes) == (
+        "dit_xl_2", size, 1000)
+    assert (m.sampler, m.steps, m.unit, m.delta_direction) == ("ddim", steps, "branch", "next")
+    assert (tuple(m.w_thresholds), tuple(m.w_values)) == ((0.1, 0.5), (2.0, 1.5, 1.0))
+    assert (m.threshold, m.rectify, m.loss_target) == (0.5, True, "x_end")
+    assert m.output == f"mask_plan_ddim{steps}.npz"
+  assert load("masks_dit_imagenet256", "ddim50").masks.steps == 50
+  assert load("masks_dit_imagenet512", "unit=block").masks.unit == "block"
+
+
 @pytest.mark.parametrize("name,arg,message", [
     ("ase_dit_imagenet256", "D9", "unknown schedule 'D9'"),
     ("ase_uvit_celeba", "D7", "unknown schedule 'D7'"),
@@ -99,6 +117,7 @@ def test_deediff_recipes_match_the_paper_and_the_public_code(dataset, recipe, wa
     ("deediff_uvit", "celeba,threshold=1.5", r"threshold θ must be in \[0, 1\]"),
     ("deediff_uvit", "variant=mine", "variant 'mine' unknown"),
     ("masks_dit_imagenet256", "ddim75", "unknown setting 'ddim75'"),
+    ("masks_dit_imagenet512", "unit=layer", "masks.unit 'layer' unknown"),
     ("masks_ddpm_cifar10", "steps=0", "steps must be >= 1"),
 ])
 def test_bad_arguments_fail_at_load(name, arg, message):

@@ -127,6 +127,9 @@ def compose(*plans) -> ComposedPlan:
       raise ValueError("DeeDiff with a cache needs the batched runner on one device")
     return ComposedPlan(cache=mask, exit=exits[0])
   for p in flat:
+    if isinstance(p, masks_lib.MaskPlan) and p.cache_mode == "unit_output" and p.unit != "block":
+      raise ValueError("composition runs block-output and L2C branch caches; a per-unit output "
+                       "replacement mask (unit='branch', cache_mode='unit_output') runs alone")
     for cls, slot, what in kinds:
       if isinstance(p, cls):
         if slots[slot] is not None:

@@ -4,6 +4,7 @@
     parse_plan('ase:12,12,10,10,9,9,7,7,5,5:switch', model)
     parse_plan('mask:plan.npz', model)                   # a saved mask (or any plan file)
     parse_plan('mask:skip=0.3:branch', model, nfe_times=times)   # a rotating benchmark mask
+    parse_plan('mask:skip=0.3:branch:unit_output', model, nfe_times=times)  # TABM per unit
     parse_plan('duodiff:300', model, load_shallow=fn)    # shallow model from the caller
     parse_plan('duodiff:300:random=3', model, rng=key)   # a random 3-block shallow copy
     parse_plan('deediff:WORKDIR', model)                 # trained heads/UEMs and θ
@@ -76,11 +77,10 @@ def _mask(args, spec, model, nfe_times, options):
     frac = _float(value, spec, key)
     if not 0.0 <= frac <= 1.0:
       raise ValueError(f"plan {spec!r}: {key} must be in [0, 1]")
-    unit = "branch" if len(args) > 1 and args[1] == "branch" else "block"
+    unit, cache_mode = _mask_layout(args[1:], spec, masks)
     keep = frac if key == "keep" else 1.0 - frac
     mask = masks.keep_fraction_mask(len(nfe_times), masks.num_units(model, unit), keep)
-    return masks.MaskPlan(mask, unit, "branch" if unit == "branch" else "block_output",
-                          {"spec": spec})
+    return masks.MaskPlan(mask, unit, cache_mode, {"spec": spec})
   if key is not None:
     raise ValueError(f"plan {spec!r}: unknown mask option {key!r} (skip=, keep= or a file)")
   plan = io_lib.load_plan(_existing(":".join(args), spec))
@@ -123,6 +123,26 @@ def _teacache(args, spec):
       raise ValueError(f"plan {spec!r}: unknown TeaCache option {arg!r} "
                        f"(a rule {teacache.RULES} or poly=C,...)")
   return teacache.TeaCachePlan(threshold, coefficients, rule, {"spec": spec})
+
+
+def _mask_layout(words, spec, masks):
+  """(unit, cache_mode) from the words after `skip=F`: a unit and/or a cache mode, any order.
+
+  Defaults: unit 'block'; cache mode 'block_output' for block units, L2C's 'branch' for branch
+  units (`mask:skip=0.3:branch`); `mask:skip=0.3:branch:unit_output` is TABM's per-unit output
+  replacement.
+  """
+  unit = cache_mode = None
+  for w in words:
+    if w in masks.UNITS and unit is None:
+      unit = w
+    elif w in masks.CACHE_MODES and cache_mode is None:
+      cache_mode = w
+    else:
+      raise ValueError(f"plan {spec!r}: unknown mask option {w!r} (a unit {masks.UNITS} and/or "
+                       f"a cache mode {masks.CACHE_MODES})")
+  unit = unit or "block"
+  return unit, cache_mode or ("branch" if unit == "branch" else "block_output")
 
 
 def _existing(path: str, spec: str) -> pathlib.Path:
@@ -227,9 +247,10 @@ def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times
   if kind == "teacache":
     return _teacache(args, spec)
   raise ValueError(f"unknown plan spec {spec!r}: use none/full, ase:TABLE|COUNTS[:switch], "
-                   "mask:FILE|skip=F[:branch], file:PATH, duodiff:T_S[:random=DEPTH], "
-                   "deediff:WORKDIR|scripted=NOISE[,CLEAN], fora:K[:block|branch], "
-                   "teacache:THRESHOLD[:RULE][:poly=C,...], joined with '+' to compose")
+                   "mask:FILE|skip=F[:branch][:CACHE_MODE], file:PATH, "
+                   "duodiff:T_S[:random=DEPTH], deediff:WORKDIR|scripted=NOISE[,CLEAN], "
+                   "fora:K[:block|branch], teacache:THRESHOLD[:RULE][:poly=C,...], joined with "
+                   "'+' to compose")
 
 
 def referenced_files(spec: Optional[str]) -> list[pathlib.Path]:

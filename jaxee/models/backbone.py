@@ -259,6 +259,21 @@ class Backbone:
   def num_tokens(self) -> int:
     raise NotImplementedError
 
+  # ---- output replacement (TABM masks at unit granularity) -------------------------------------
+  def settle(self, params, ref: UnitRef, state: State, out) -> State:
+    """The state after unit `ref` when its output stream (`state['h']` after it) is `out`.
+
+    What a unit whose output is *replaced* by a cached one leaves behind (TABM's "x = s·f(x) +
+    (1−s)·cache" per unit, `research/ee_methods.md` §4.7, §5.5); `state` is the state after
+    `enter`. Invariant: `settle(p, r, s, apply(p, r, s, v)['h']) == apply(p, r, s, v)`. At
+    'block' granularity this is `apply` (a block's value is its output stream); at 'branch' the
+    default replaces the stream. Families whose units also write other state from their output
+    (U-ViT in-blocks push their long skip) override it.
+    """
+    if self.granularity == "block":
+      return self.apply(params, ref, state, out)
+    return dict(state, h=out)
+
 
 @functools.lru_cache(maxsize=256)
 def as_backbone(module: Any, granularity: str = "block") -> Backbone:

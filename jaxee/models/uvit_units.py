@@ -161,6 +161,13 @@ class UViTBackbone(bb_lib.Backbone):
       return self._push(ref, state, state["h"])
     return state
 
+  def settle(self, params, ref, state, out):
+    """Output replacement: an in-block's replaced output is also its long skip (either granularity;
+    at 'branch' the MLP unit ends the in-block and writes the skip, as `apply` does)."""
+    if ref.segment.name == "in" and ref.kind in ("block", "mlp"):
+      return self._push(ref, state, out)
+    return dict(state, h=out)
+
   def head(self, params, state):
     return self.module.apply({"params": params}, state["h"], method="head")
 

@@ -12,6 +12,8 @@ Two kinds, so that a runner is checked against code that shares nothing with it:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import jax
@@ -277,6 +279,11 @@ class ReferencePlan:
 
   def bind(self, model: Any, params: Any, nfe_times) -> plan_lib.BoundPlan:
     plan = self.plan
+    if isinstance(plan, masks_lib.MaskPlan) and plan.cache_mode == "unit_output":
+      if plan.unit != "block":
+        raise TypeError("no shared reference for unit_output branch masks "
+                        "(tests/test_masks_branch.py has its own)")
+      plan = dataclasses.replace(plan, cache_mode="block_output")  # the same at block units
     bound = plan.bind(model, params, nfe_times)  # same tables, same validation
     from jaxee.exits import composition as compose_lib  # pylint: disable=g-import-not-at-top
     if isinstance(plan, compose_lib.ComposedPlan):

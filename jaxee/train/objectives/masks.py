@@ -18,17 +18,25 @@ Readings fixed here (documented choices):
   samples `num_samples` trajectories from Gaussian noise — no data. Every NFE's network input
   (the CFG-doubled batch when guided) is recorded through `jaxee.sample` itself, so the inputs
   are exactly those the sampler feeds the network.
-* **w(k)**: δ(k) = ‖x^orig_end,k − x^orig_end,k−1‖ / ‖x^orig_end,k‖ per sample (k − 1 the
-  previously executed NFE), averaged over the batch; r = δ / max_k δ; w = 2.0 if r < 0.1, 1.5 if
-  r < 0.5, else 1.0 (`w_thresholds`, `w_values`). Steps whose feature barely changes get a
-  larger sparsity weight. NFE 0 has no δ and is never optimised.
-* **Mixing and cache** (block-output semantics, as `exits.masks.MaskPlan(cache_mode=
-  'block_output')`, both written once against the backbone contract `jaxee/models/backbone.py`
-  at 'block' granularity): block b outputs m_b·f_b(h) + (1 − m_b)·cache_b; a U-ViT in-block's
-  mixed output is also its long skip. NFE 0 computes everything (empty cache). Steps are
-  optimised in sampling order; after step k the scores are binarised (s > `threshold`, default
-  0.5) and the cache is refreshed with the block outputs of the binarised network at step k
-  where s > 0.5, so a cached feature can be several steps old, exactly as at inference.
+* **w(k)** (Eq. 9–10): δ(k) per sample, averaged over the batch, in `delta_direction`: 'next'
+  (default, the paper's reading: its t−1 is the next step executed) δ(k) = ‖x^orig_end,k −
+  x^orig_end,k+1‖ / ‖x^orig_end,k‖, the last NFE falling back to its previous pair; 'previous'
+  (jaxee's earlier reading) δ(k) = ‖x^orig_end,k − x^orig_end,k−1‖ / ‖x^orig_end,k‖
+  (`masks_teacher.relative_changes`). r = δ / max δ over the optimised NFEs 1..N−1; w = 2.0 if
+  r < 0.1, 1.5 if r < 0.5, else 1.0 (`w_thresholds`, `w_values`). Steps whose feature barely
+  changes get a larger sparsity weight. NFE 0 is never optimised.
+* **Units** (`unit`): 'block' (one score per transformer block) or 'branch' (the paper's DiT
+  granularity, §3.2: MHA and MLP sub-layers scored separately, columns 2ℓ = attention of block
+  ℓ, 2ℓ+1 = its MLP). Both are output replacement; the plan's cache mode is
+  `exits.masks.default_cache_mode(unit)` ('block_output' / 'unit_output').
+* **Mixing and cache** (output replacement, as the `MaskPlan` runner, both written once against
+  the backbone contract `jaxee/models/backbone.py`): unit u outputs m_u·f_u + (1 − m_u)·cache_u
+  (at 'branch' the unit's output stream, the state completed by the contract's `settle`); a
+  U-ViT in-block's mixed output is also its long skip. NFE 0 computes everything (empty cache).
+  Steps are optimised in sampling order; after step k the scores are binarised (s >
+  `threshold`, default 0.5) and the cache is refreshed with the unit outputs of the binarised
+  network at step k where s > 0.5 (Eq. 4; NFE 0, the paper's t = T−1, refreshes every unit), so
+  a cached feature can be several steps old, exactly as at inference.
 * **Random mask sampling** (`sampling`): 'bernoulli' (default) draws m_b ~ Bernoulli(s_b) and
   uses the straight-through estimator (forward m, backward ∂m/∂s = 1), so the optimisation sees
   the binary network the sampler will run; 'concrete' uses the binary-concrete (Gumbel-sigmoid)
@@ -40,8 +48,8 @@ Readings fixed here (documented choices):
   are clipped to [0, 1] after every update.
 * **Result**: rows stacked in NFE order (row 0 ones), rectified with TABM's rule
   (`exits.mask_tools.rectify`, U-ViT skip consumers respected) and written atomically as a
-  `MaskPlan` file (`unit='block'`, `cache_mode='block_output'`) whose metadata records the
-  sampler, steps, guidance, model config, δ, w and the raw scores. Sample with
+  `MaskPlan` file (`unit`, `cache_mode` as above) whose metadata records the sampler, steps,
+  guidance, model config, unit, δ (and its direction), w and the raw scores. Sample with
   `jaxee.sample(model, params, rng, sampler=..., steps=..., plan=load_mask_plan(path))`.
 
 Progress is saved after every step (`masks_progress.npz`); a restarted run with the same options
@@ -68,13 +76,14 @@ from jaxee import atomic_io
 from jaxee.diffusion import samplers as samplers_lib
 from jaxee.exits import mask_tools
 from jaxee.exits import masks as masks_lib
-from jaxee.models import backbone as bb_lib
 from jaxee.models import registry
 from jaxee.train.objectives import masks_teacher as teacher
 from jaxee.train.objectives.masks_teacher import (  # noqa: F401
     Trajectory, record_teacher, run_blocks, sample_gates)
 
 SAMPLING_MODES = teacher.SAMPLING_MODES
+DELTA_DIRECTIONS = teacher.DELTA_DIRECTIONS
+UNITS = masks_lib.UNITS
 LOSS_TARGETS = ("x_end", "output")
 LOSS_NORMS = ("l2", "mse")
 PROGRESS_FILE = "masks_progress.npz"
@@ -85,7 +94,7 @@ DEFAULTS = dict(
     labels="random", num_samples=8, lambda1=1e-3, lambda2=1e-3, w_thresholds=(0.1, 0.5),
     w_values=(2.0, 1.5, 1.0), iters_per_step=100, lr=1e-2, init_score=0.9,
     sampling="bernoulli", temperature=0.5, threshold=0.5, rectify=True, loss_target="x_end",
-    loss_norm="l2", output="mask_plan.npz", seed=0)
+    loss_norm="l2", output="mask_plan.npz", seed=0, unit="block", delta_direction="next")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +122,8 @@ class MaskOptOptions:
   loss_norm: str
   output: str
   seed: int
+  unit: str
+  delta_direction: str
 
   def fingerprint(self, model) -> str:
     """Hash of everything that changes the result (used to refuse a foreign progress file)."""
@@ -174,6 +185,11 @@ def validate_options(o: MaskOptOptions) -> list:
     p.append(f"masks.loss_norm {o.loss_norm!r} unknown; choose from {LOSS_NORMS}")
   if o.guidance is not None and o.guidance < 0:
     p.append(f"masks.guidance must be >= 0 or None, got {o.guidance}")
+  if o.unit not in UNITS:
+    p.append(f"masks.unit {o.unit!r} unknown; choose from {UNITS}")
+  if o.delta_direction not in DELTA_DIRECTIONS:
+    p.append(f"masks.delta_direction {o.delta_direction!r} unknown; choose from "
+             f"{DELTA_DIRECTIONS}")
   if not str(o.output).endswith(".npz"):
     p.append(f"masks.output must be a .npz file name, got {o.output!r}")
   return p
@@ -210,11 +226,12 @@ class _StepStatics:
   threshold: float
   loss_target: str
   loss_norm: str
+  unit: str = "block"
 
   @classmethod
   def of(cls, opts: MaskOptOptions) -> "_StepStatics":
     return cls(int(opts.iters_per_step), float(opts.lr), opts.sampling, float(opts.temperature),
-               float(opts.threshold), opts.loss_target, opts.loss_norm)
+               float(opts.threshold), opts.loss_target, opts.loss_norm, opts.unit)
 
 
 @functools.lru_cache(maxsize=16)
@@ -223,14 +240,14 @@ def make_step_fns(model, st: _StepStatics):
 
   optimise_step(params, scores0, x, t, y, cache, w, lambdas, key) -> (scores, losses (iters,),
   reconstruction (iters,), reconstruction of the binarised scores ()), `lambdas` = (λ₁, λ₂);
-  refresh(params, x, t, y, cache, row) -> the block outputs of the `row`-masked network at this
+  refresh(params, x, t, y, cache, row) -> the unit outputs of the `row`-masked network at this
   step (the new cache).
   """
   tx = optax.adam(st.lr)
-  bb = teacher.block_backbone(model)
+  bb = teacher.unit_backbone(model, st.unit)
 
   def features(params, state, gates=None, cache=None):
-    state, values = run_blocks(bb, params, state, gates, cache)
+    state, values = teacher.run_units(bb, params, state, gates, cache, st.unit)
     return (state["h"] if st.loss_target == "x_end" else bb.head(params, state)), values
 
   def reconstruction(pred, target):
@@ -241,7 +258,7 @@ def make_step_fns(model, st: _StepStatics):
 
   def optimise_step(params, scores0, x, t, y, cache, w, lambdas, key):
     state = bb.embed(params, x, t, y)
-    target = jax.lax.stop_gradient(features(params, state)[0])
+    target = jax.lax.stop_gradient(features(params, state, None, cache)[0])
 
     def loss(s, k):
       gates = sample_gates(s, k, st.sampling, st.temperature)
@@ -264,7 +281,7 @@ def make_step_fns(model, st: _StepStatics):
 
   def refresh(params, x, t, y, cache, row):
     state = bb.embed(params, x, t, y)
-    return run_blocks(bb, params, state, row.astype(jnp.float32), cache)[1]
+    return teacher.run_units(bb, params, state, row.astype(jnp.float32), cache, st.unit)[1]
 
   return jax.jit(optimise_step), jax.jit(refresh)
 
@@ -300,7 +317,7 @@ def optimise_masks(model, params, traj: Trajectory, opts: MaskOptOptions, rng, *
     `w` (N,), `delta` (N,).
   """
   n_nfe = traj.x.shape[0]
-  n_units = masks_lib.num_units(model, "block")
+  n_units = masks_lib.num_units(model, opts.unit)
   w = time_weights(traj.delta, opts.w_thresholds, opts.w_values)
   optimise_step, refresh = make_step_fns(model, _StepStatics.of(opts))
   lambdas = jnp.asarray([opts.lambda1, opts.lambda2], jnp.float32)
@@ -320,7 +337,7 @@ def optimise_masks(model, params, traj: Trajectory, opts: MaskOptOptions, rng, *
       scores, start = saved, max(done, 1)
       logging.info("TABM: resuming after %d of %d NFEs", start, n_nfe)
 
-  cache = bb_lib.zeros_cache(teacher.block_backbone(model), params, traj.x.shape[1:], y)
+  cache = teacher.zeros_unit_cache(model, params, traj.x.shape[1:], y, opts.unit)
   cache = refresh(params, jnp.asarray(traj.x[0]), t_vec(0), y, cache, ones)
   for k in range(1, start):     # replay finished rows (binary masks) to rebuild the cache
     row = jnp.asarray(scores[k] > opts.threshold)
@@ -353,7 +370,7 @@ def optimise_masks(model, params, traj: Trajectory, opts: MaskOptOptions, rng, *
 def build_plan(model, result: dict, opts: MaskOptOptions) -> masks_lib.MaskPlan:
   """The (rectified) `MaskPlan` with the run's facts in its metadata."""
   raw = result["mask"]
-  plan = masks_lib.MaskPlan(raw, "block", "block_output")
+  plan = masks_lib.MaskPlan(raw, opts.unit, masks_lib.default_cache_mode(opts.unit))
   if opts.rectify:
     plan = plan.rectified(model)
   meta = {
@@ -365,7 +382,7 @@ def build_plan(model, result: dict, opts: MaskOptOptions) -> masks_lib.MaskPlan:
       "rectified": bool(opts.rectify), "sampling": opts.sampling,
       "iters_per_step": int(opts.iters_per_step), "lr": opts.lr,
       "num_samples": int(opts.num_samples), "loss_target": opts.loss_target,
-      "loss_norm": opts.loss_norm, "seed": int(opts.seed),
+      "loss_norm": opts.loss_norm, "seed": int(opts.seed), "delta_direction": opts.delta_direction,
       "kept_fraction_raw": float(np.mean(raw)), "kept_fraction": float(np.mean(plan.mask)),
       "delta": [float(v) for v in result["delta"]], "w": [float(v) for v in result["w"]],
       "scores": np.round(result["scores"], 6).tolist(),
