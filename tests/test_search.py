@@ -79,6 +79,12 @@ def test_one_compiled_evaluator_for_every_candidate(dit, ase_result):
   r = search.search_plan(model, params, budget=0.8, family="ase", calibration=CALIB, **SETTING)
   assert r.meta["candidates_evaluated"] > r.meta["chunk"]
   assert (search.eval_trace_count(), sampling.trace_count()) == (evals, samples)
+  # A new plan structure (ase+mask) traces the evaluator (and the sampling program inside it)
+  # once for all its candidates.
+  r = search.search_plan(model, params, budget=0.8, family="ase+mask", calibration=CALIB,
+                         refine_rounds=1, **SETTING)
+  assert r.meta["candidates_evaluated"] > 2 * r.meta["chunk"]
+  assert (search.eval_trace_count(), sampling.trace_count()) == (evals + 1, samples + 1)
 
 
 def test_search_is_deterministic_for_a_seed(dit, ase_result):
