@@ -143,6 +143,23 @@ def _compiled(model, sampler: str, steps: int, schedule, guided: bool, options_k
   return jax.jit(run), times
 
 
+def sampling_program(model, sampler: str = "ddim", steps: int = 50, *, guided: bool = False,
+                     schedule: Any = None, **sampler_options):
+  """`(fn, nfe_times)`: the jitted program `sample` runs, for callers that trace it inside their
+  own programs (the plan search maps it over a batch of candidate plans).
+
+  `fn(params, plan, rng, x_T, labels, scale, noise=None) -> (x, cache, stats)`; the plan is a
+  traced argument, so candidates of one structure share one trace. No plan or input checks are
+  made here (`sample` makes them).
+  """
+  validation.check_sample_args(model, num=None, labels=None, guidance=None, sampler=sampler,
+                               steps=steps, schedule=schedule)
+  _check_options(sampler, sampler_options)
+  sched = default_schedule(model, sampler, steps, schedule, sampler_options)
+  return _compiled(model, sampler, int(steps), _schedule_key(sched), bool(guided),
+                   tuple(sorted(sampler_options.items())))
+
+
 class _ByIdentity:
   """Hash/eq by identity for unhashable schedule objects (kept alive only while cached)."""
 

@@ -23,7 +23,7 @@ def _declared():
 
 
 DECLARED = _declared()
-NAMES = ("sample", "train", "convert", "fid", "demo")
+NAMES = ("sample", "train", "convert", "fid", "demo", "search")
 
 
 def _installed():

@@ -7,6 +7,7 @@
 | `jaxee-convert`| `jaxee.cli.convert`| PyTorch → Orbax conversion (`jaxee.convert`) |
 | `jaxee-fid`    | `jaxee.cli.fid`    | `jaxee.eval.fid_shards.fid_from_shards` |
 | `jaxee-demo`   | `jaxee.cli.demo`   | `jaxee.demo.run` |
+| `jaxee-search` | `jaxee.cli.search` | `jaxee.exits.search.search_plan` (plan under a budget) |
 
 Each module has `main(argv) -> int` (the exit status; tests call it) and `run()`, the console
 script's entry point, which reads `sys.argv` and exits with `main`'s status. Only argument

@@ -3,6 +3,7 @@
 | kind    | file                                   | written by                               |
 |---------|----------------------------------------|------------------------------------------|
 | mask    | `.npz` {mask, metadata JSON}           | `MaskPlan.save` (TABM optimiser, tools)  |
+| ase+mask| mask `.npz` + `ase_schedule` in metadata| `search.SearchResult.save` (plan search)|
 | ase     | `.json` {name, schedule, family, ...}  | `save_ase_plan` (ASE fine-tuning export) |
 | deediff | `.npz` {__meta__ JSON, heads/UEM leaves}| `save_deediff_heads` (DeeDiff training) |
 
@@ -135,7 +136,16 @@ def load_plan(path, **options):
         ee, threshold=float(meta["threshold"] if threshold is None else threshold),
         uem=meta.get("uem", "token_mean"), layout=meta["layout"], **options)
   try:
-    return masks_lib.load_mask_plan(str(path))
+    plan = masks_lib.load_mask_plan(str(path))
   except Exception as e:  # JSON/shape errors of an .npz that is not a mask plan
     raise ValueError(f"plan file {path} is not a mask plan written by MaskPlan.save "
                      f"({type(e).__name__}: {e})") from None
+  schedule = plan.metadata.get("ase_schedule")
+  if schedule is None:
+    return plan
+  # A searched depth schedule + cache (`exits.search`): the mask file carries the ASE table.
+  from jaxee.exits import ase as ase_lib  # pylint: disable=g-import-not-at-top
+  from jaxee.exits import composition  # pylint: disable=g-import-not-at-top
+  depth = ase_lib.ASEPlan(tuple(int(n) for n in schedule), name="search",
+                          family=plan.metadata.get("ase_family"))
+  return composition.compose(depth, plan)

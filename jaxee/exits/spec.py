@@ -14,6 +14,7 @@
     parse_plan('fora:3:block', model, nfe_times=times)   #   ... caching block outputs
     parse_plan('teacache:0.1', model)                    # TeaCache, threshold 0.1 (rule max)
     parse_plan('teacache:0.1:mean:poly=4.9,-2.8,0.3', model)  # rule and rescale polynomial
+    parse_plan('search:PLAN', model)                     # the same: a `jaxee-search` output
     parse_plan('ase:D3-DiT+mask:skip=0.3', model, nfe_times=times) # composition (`compose`)
 
 Grammar: `SPEC := PART ('+' PART)*`; `PART := KIND[:ARG[:ARG...]]`; `none`/`full` is the full
@@ -27,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-KINDS = ("full", "ase", "mask", "file", "duodiff", "deediff", "fora", "teacache")
+KINDS = ("full", "ase", "mask", "file", "search", "duodiff", "deediff", "fora", "teacache")
 
 
 def _kv(arg: str) -> tuple[Optional[str], str]:
@@ -230,9 +231,9 @@ def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times
     return _ase(args if kind == "ase" else [spec], spec, model, options)
   if kind == "mask":
     return _mask(args, spec, model, nfe_times, options)
-  if kind == "file" or (kind not in KINDS and spec.endswith((".npz", ".json"))):
+  if kind in ("file", "search") or (kind not in KINDS and spec.endswith((".npz", ".json"))):
     from jaxee.exits import io as io_lib  # pylint: disable=g-import-not-at-top
-    plan = io_lib.load_plan(_existing(rest if kind == "file" else spec, spec),
+    plan = io_lib.load_plan(_existing(rest if kind in ("file", "search") else spec, spec),
                             **{k: options[k] for k in ("threshold", "mode", "min_fraction")
                                if options.get(k) is not None})
     if options.get("rectify") and hasattr(plan, "rectified"):
@@ -247,7 +248,7 @@ def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times
   if kind == "teacache":
     return _teacache(args, spec)
   raise ValueError(f"unknown plan spec {spec!r}: use none/full, ase:TABLE|COUNTS[:switch], "
-                   "mask:FILE|skip=F[:branch][:CACHE_MODE], file:PATH, "
+                   "mask:FILE|skip=F[:branch][:CACHE_MODE], file:PATH, search:PATH, "
                    "duodiff:T_S[:random=DEPTH], deediff:WORKDIR|scripted=NOISE[,CLEAN], "
                    "fora:K[:block|branch], teacache:THRESHOLD[:RULE][:poly=C,...], joined with "
                    "'+' to compose")
@@ -260,7 +261,7 @@ def referenced_files(spec: Optional[str]) -> list[pathlib.Path]:
     part = part.strip()
     kind, _, rest = part.partition(":")
     key, _ = _kv(rest)
-    if kind in ("mask", "file") and rest and key is None:
+    if kind in ("mask", "file", "search") and rest and key is None:
       out.append(pathlib.Path(rest).expanduser())
     elif kind == "deediff" and rest and key is None:
       p = pathlib.Path(rest).expanduser()

@@ -156,6 +156,7 @@ def _section(values: Dict[str, Any], overrides: Dict[str, Any], name: str):
 # (`ase_section` below, and the keyword defaults of `objectives.ase.make_ase_loss`).
 ASE_DEFAULTS: Dict[str, Any] = dict(
     custom_schedule=None,                  # 10 block counts instead of a name (tuple)
+    schedule_file=None,                    # a plan file (`jaxee-search` output) instead (str)
     scale_to_model=False,                  # rescale the table to the model's depth
     time_schedule=None,                    # τ convention (None: the model's)
     loss="auto",                           # 'hybrid' | 'simple' | 'auto' (see below)
@@ -182,6 +183,7 @@ def ase_section(schedule: str, **overrides: Any) -> config_dict.ConfigDict:
   """
   values = dict(schedule=schedule, **ASE_DEFAULTS)
   values["custom_schedule"] = config_dict.placeholder(tuple)
+  values["schedule_file"] = config_dict.placeholder(str)
   values["time_schedule"] = config_dict.placeholder(str)
   return _section(values, overrides, "ase")
 

@@ -6,10 +6,11 @@
 `jaxee/train/objectives/` with its recipe (`research/ee_methods.md` §1.7, §2.4–2.5, §3.2):
 
 * 'ase' (`config.ase`): ASE fine-tuning of the whole backbone with per-sample truncation at the
-  schedule depth, the hybrid loss with learned σ (DiT) or L_simple (U-ViT, no σ output;
-  `config.ase.loss`), graded λ(t) = 1 + γ·(dropped fraction) re-weighting until a cycle of C
-  steps ends or a plateau test fires, optionally the time embedder frozen (`t_embedder/.*`,
-  `train_dit.sh`).
+  schedule depth (a paper table `config.ase.schedule`, ten counts `custom_schedule`, or a
+  searched plan file `schedule_file` from `jaxee-search`), the hybrid loss with learned σ
+  (DiT) or L_simple (U-ViT, no σ output; `config.ase.loss`), graded λ(t) = 1 + γ·(dropped
+  fraction) re-weighting until a cycle of C steps ends or a plateau test fires, optionally the
+  time embedder frozen (`t_embedder/.*`, `train_dit.sh`).
   Export: the EMA weights (`WORKDIR/export`, a converted checkpoint) and `ase_plan.json`.
 * 'deediff' (`config.deediff`): heads + UEMs on top of the backbone; params
   `{'backbone', 'deediff'}`; `freeze_backbone` (the public recipe) freezes `backbone/.*`.
@@ -84,10 +85,31 @@ def _ase_schedule(a, model):
   kwargs = {}
   if a.time_schedule:
     kwargs["time_schedule"] = a.time_schedule
+  if a.custom_schedule and a.schedule_file:
+    raise ValueError("set config.ase.custom_schedule or config.ase.schedule_file, not both")
   if a.custom_schedule:
     return ase_lib.ASEPlan(tuple(int(v) for v in a.custom_schedule), name="custom", **kwargs)
+  if a.schedule_file:
+    return _ase_schedule_file(a.schedule_file, **kwargs)
   depth = ase_lib.capacity(model) if a.scale_to_model else None
   return ase_lib.ase_plan(a.schedule, depth=depth, **kwargs)
+
+
+def _ase_schedule_file(path, **kwargs):
+  """The ASE schedule of a plan file: a searched one (`jaxee-search`, family 'ase' or the depth
+  part of 'ase+mask') or an exported `ase_plan.json`; the file's table replaces the paper's."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxee.exits import ase as ase_lib  # pylint: disable=g-import-not-at-top
+  from jaxee.exits import io as plan_io  # pylint: disable=g-import-not-at-top
+  try:
+    plan = plan_io.load_plan(path)
+  except FileNotFoundError as e:
+    raise ValueError(f"config.ase.schedule_file: {e}") from None
+  plan = getattr(plan, "depth", plan)
+  if not isinstance(plan, ase_lib.ASEPlan):
+    raise ValueError(f"config.ase.schedule_file {path} holds no ASE depth schedule "
+                     f"({type(plan).__name__}); search one with jaxee-search --family=ase")
+  return dataclasses.replace(plan, **kwargs) if kwargs else plan
 
 
 def _validate_ase(config, model, p: list) -> None:
