@@ -152,14 +152,18 @@ class SearchResult:
 class _Space:
   """Plans of one family as host states (schedule tuple, mask array), moves and swaps."""
 
-  def __init__(self, model, params, times, family, unit, monotone, min_depth):
+  def __init__(self, model, params, times, family, unit, monotone, min_depth, cache_mode=None):
     if family not in FAMILIES:
       raise ValueError(f"unknown plan family {family!r}; choose from {FAMILIES}")
     self.model, self.params, self.times = model, params, times
     self.use_ase, self.use_mask = family != "mask", family != "ase"
     self.monotone, self.min_depth = bool(monotone), int(min_depth)
     self.unit = unit
-    self.cache_mode = "block_output" if unit == "block" else "branch"
+    self.cache_mode = cache_mode or ("block_output" if unit == "block" else "branch")
+    if family != "mask" and masks_lib.output_replacement(unit, self.cache_mode) and (
+        unit == "branch"):
+      raise ValueError("a branch mask with cache_mode='unit_output' runs alone; use "
+                       "family='mask'")
     self._flops = {}
     if self.use_ase:
       self.cap = ase_lib.capacity(model)
@@ -304,7 +308,7 @@ def search_plan(model, params, *, sampler: str = "ddim", steps: int = 20,
                 monotone: bool = True, min_depth: int = 1, seed: Optional[int] = None,
                 moves_per_round: Optional[int] = None, refine_rounds: int = 2,
                 chunk: int = 16, max_rounds: int = 10_000, out: Optional[str] = None,
-                **sampler_options) -> SearchResult:
+                cache_mode: Optional[str] = None, **sampler_options) -> SearchResult:
   """Searches a plan of `family` within `budget` of the full model's FLOPs.
 
   Args:
@@ -317,6 +321,8 @@ def search_plan(model, params, *, sampler: str = "ddim", steps: int = 20,
     family: 'ase' | 'mask' | 'ase+mask'.
     calibration: the calibration set (default `Calibration()`; `seed` overrides its seed).
     unit: mask units, 'block' (block-output cache) or 'branch' (branch cache).
+    cache_mode: the mask's cache (`masks.CACHE_MODES`; default by `unit` as above), e.g.
+      'unit_output' with `unit='branch'` for TABM's per-sub-layer output replacement.
     monotone: ASE depths non-increasing toward noise.
     min_depth: smallest ASE depth (droppable units run).
     seed: the calibration seed (overrides `calibration.seed` when given).
@@ -357,7 +363,7 @@ def search_plan(model, params, *, sampler: str = "ddim", steps: int = 20,
                         guidance=guidance, x_T=x_T, **sampler_options)
   fn, times = sampling.sampling_program(model, sampler, steps, guided=guidance is not None,
                                         **sampler_options)
-  space = _Space(model, params, times, family, unit, monotone, min_depth)
+  space = _Space(model, params, times, family, unit, monotone, min_depth, cache_mode)
   state = space.start()
   space.plan(state).check(model, times)
   chunk = min(int(chunk), 1 + len(space.moves(state)))  # one shape for the whole search
