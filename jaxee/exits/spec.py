@@ -8,6 +8,8 @@
     parse_plan('duodiff:300:random=3', model, rng=key)   # a random 3-block shallow copy
     parse_plan('deediff:WORKDIR', model)                 # trained heads/UEMs and θ
     parse_plan('deediff:scripted=4,12', model, params=p, rng=key)  # timing: exits at 4..12
+    parse_plan('deepcache:3', model)                     # DeepCache, N = 3, shallowest branch
+    parse_plan('deepcache:5:branch=2', model)            # a deeper branch (U-Net only)
     parse_plan('file:PLAN', model)                       # any saved plan file (`exits.io`)
     parse_plan('ase:D3-DiT+mask:skip=0.3', model, nfe_times=times) # composition (`compose`)
 
@@ -22,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-KINDS = ("full", "ase", "mask", "file", "duodiff", "deediff")
+KINDS = ("full", "ase", "mask", "file", "duodiff", "deediff", "deepcache")
 
 
 def _kv(arg: str) -> tuple[Optional[str], str]:
@@ -100,6 +102,10 @@ def _duodiff(args, spec, model, options, rng, load_shallow):
   key, value = _kv(args[1]) if len(args) > 1 else (None, "")
   if key == "random":
     from jaxee import testing  # pylint: disable=g-import-not-at-top
+    if not hasattr(model, "depth"):
+      raise ValueError(f"plan {spec!r}: a random shallow copy takes the backbone's first blocks "
+                       f"(`depth`), which a {type(model).__name__} does not have; pass a "
+                       "shallow denoiser of your own (DuoDiffPlan(shallow_model, params))")
     shallow = model.clone(depth=int(value), parent=None)
     rng = jax.random.PRNGKey(11) if rng is None else rng
     shallow_params = testing.random_params(shallow, rng)
@@ -133,6 +139,23 @@ def _deediff(args, spec, model, params, options, rng):
   return deediff.DeeDiffPlan(ee, threshold=float(meta["threshold"] if threshold is None
                                                  else threshold),
                              uem=meta.get("uem", "token_mean"), **extra)
+
+
+def _deepcache(args, spec, model):
+  from jaxee.exits import deepcache  # pylint: disable=g-import-not-at-top
+  if not args or not args[0]:
+    raise ValueError(f"plan {spec!r}: give the interval N (deepcache:N[:branch=B])")
+  interval, branch = _float(args[0], spec, "N"), 0.0
+  for arg in args[1:]:
+    key, value = _kv(arg)
+    if key != "branch":
+      raise ValueError(f"plan {spec!r}: unknown DeepCache option {arg!r} (branch=B)")
+    branch = _float(value, spec, "branch")
+  if not interval.is_integer() or not branch.is_integer():
+    raise ValueError(f"plan {spec!r}: N and branch must be integers")
+  plan = deepcache.DeepCachePlan(int(interval), int(branch), {"spec": spec})
+  deepcache.branches(model)  # refuses backbones without skip branches here, with the reason
+  return plan
 
 
 def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times=None,
@@ -181,8 +204,11 @@ def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times
     return _duodiff(args, spec, model, options, rng, load_shallow)
   if kind == "deediff":
     return _deediff(args, spec, model, params, options, rng)
+  if kind == "deepcache":
+    return _deepcache(args, spec, model)
   raise ValueError(f"unknown plan spec {spec!r}: use none/full, ase:TABLE|COUNTS[:switch], "
                    "mask:FILE|skip=F[:branch], file:PATH, duodiff:T_S[:random=DEPTH], "
+                   "deepcache:N[:branch=B], "
                    "deediff:WORKDIR|scripted=NOISE[,CLEAN], joined with '+' to compose")
 
 
