@@ -139,6 +139,8 @@ def test_spec_and_bad_plans(unet):
   assert isinstance(plan, exits.DeepCachePlan)
   assert (int(plan.interval), int(plan.branch)) == (4, 2)
   assert int(spec_lib.parse_plan("deepcache:3", model).branch) == 0
+  again = spec_lib.parse_plan(plan.spec, model)
+  assert (int(again.interval), int(again.branch)) == (4, 2)
   for bad, match in (("deepcache", "interval N"), ("deepcache:2.5", "integers"),
                      ("deepcache:2:depth=3", "unknown DeepCache option"),
                      ("deepcache:0", ">= 1")):

@@ -1,5 +1,7 @@
 """Plans on the DDPM U-Net: rectification with several skip consumers, TABM mask optimisation end
 to end, the plan kinds a U-Net refuses (and why), FLOP summary and the testing helpers."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +139,19 @@ def test_flops_summary_and_testing_helpers(unet):
   again = testing.random_params(model, jax.random.PRNGKey(3))
   jax.tree.map(np.testing.assert_array_equal, again, params)
   assert np.asarray(model.apply({"params": params}, x, jnp.zeros(3))).shape == (3, 8, 8, 3)
+
+
+def test_unet_runners_lower_to_conditionals(unet):
+  model, params = unet
+  times = sampling.nfe_times(model, "ddim", KW["steps"])
+  shallow, shallow_p = testing.tiny_unet(block_out_channels=(8, 8))
+  plans = {"mask": exits.MaskPlan(exits.random_mask(len(times), 12, 0.5)),
+           "duodiff": exits.DuoDiffPlan(shallow, shallow_p, t_switch=500)}
+  x = jnp.zeros((2, 8, 8, 3))
+  for name, plan in plans.items():
+    def f(p, pl, x, i):
+      bound = pl.bind(model, p, times)
+      return bound.net(x, jnp.zeros(2), None, i, bound.init_cache(x))[0]
+    hlo = jax.jit(f).lower(params, plan, x, jnp.int32(1)).compile().as_text()
+    want = 12 if name == "mask" else 1
+    assert len(re.findall(r"\bconditional\(", hlo)) >= want, name

@@ -74,6 +74,12 @@ class DeepCachePlan:
     if self.branch < 0:
       raise ValueError(f"DeepCache branch must be >= 0, got {int(self.branch)}")
 
+  @property
+  def spec(self) -> str:
+    """The plan as a spec string (`exits.spec.parse_plan` reads it back; a DeepCache plan is
+    two integers, so the spec is its file format)."""
+    return f"deepcache:{int(self.interval)}:branch={int(self.branch)}"
+
   def check(self, model: Any, nfe_times) -> None:
     """Host validation: the model has branch points and `branch` indexes one of them."""
     plan_lib.check_nfe_times(nfe_times)
@@ -97,7 +103,7 @@ class DeepCachePlan:
     def info():
       hb, hf = tables(bb, table, int(self.interval), int(self.branch), n)
       a, r = (int(v) for v in table[int(self.branch)])
-      return plan_lib.make_info(model, hb, hf, plan=f"deepcache:{int(self.interval)}",
+      return plan_lib.make_info(model, hb, hf, plan=self.spec,
                                 interval=int(self.interval), branch=int(self.branch),
                                 skipped_units=(a, r), num_branches=len(table))
     return plan_lib.BoundPlan(net, init_cache, plan_lib.host_info(self, info))
