@@ -45,7 +45,7 @@ def uvit_skip_consumers(num_in_blocks: int) -> dict[int, int]:
   return {b: n + 1 + (n - 1 - b) for b in range(n)}
 
 
-def rectify(mask: np.ndarray, skip_consumers: Optional[dict[int, int]] = None) -> np.ndarray:
+def rectify(mask: np.ndarray, skip_consumers: Optional[dict[int, Any]] = None) -> np.ndarray:
   """TABM rectification of a (steps × blocks) mask (see module docstring).
 
   Args:
