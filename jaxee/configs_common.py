@@ -123,6 +123,9 @@ def runlocal(c, *, family: str = "dit", depth: int = 4, num_classes: int = 10,
   if family == "dit":
     set_model(c, "dit", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth,
               num_heads=2, num_classes=num_classes, **model_kw)
+  elif family == "unet":  # unconditional; `depth` and `num_classes` do not apply
+    from jaxee import testing  # pylint: disable=g-import-not-at-top
+    set_model(c, "unet", **dict(testing.TINY_UNET, in_channels=1, out_channels=1, **model_kw))
   else:
     set_model(c, "uvit", img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=depth,
               num_heads=2, num_classes=num_classes, **model_kw)

@@ -55,6 +55,15 @@ def test_paper_constants():
   masks = load("masks_dit_imagenet256", "ddim100")
   assert (masks.masks.steps, masks.masks.guidance, masks.masks.threshold) == (100, 1.5, 0.5)
   assert tuple(masks.masks.w_values) == (2.0, 1.5, 1.0)
+  ddpm = load("masks_ddpm_cifar10")   # TABM Table 1: the DDPM U-Net, 100 DDIM steps
+  assert (ddpm.model.arch, dict(ddpm.model.overrides)) == ("unet_ddpm_cifar10", {})
+  m = ddpm.masks
+  assert (m.sampler, m.steps, m.schedule, m.guidance, m.labels) == (
+      "ddim", 100, "linear_discrete", None, "none")
+  assert dict(m.sampler_options) == {"eta": 0.0} and (m.threshold, m.rectify) == (0.5, True)
+  assert (m.loss_target, tuple(m.w_values)) == ("x_end", (2.0, 1.5, 1.0))
+  tiny = load("masks_ddpm_cifar10", "runlocal")
+  assert tiny.model.arch == "unet" and tiny.masks.steps == 4 and tiny.data.image_size == 8
 
 
 # DeeDiff paper (Tang et al. 2023, §3.4, §4.1, §6.1; research/paper_results.md §2.3): L_simple +

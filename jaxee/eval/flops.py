@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 def _mm(m: int, k: int, n: int) -> float:
   """FLOPs of an (m×k)·(k×n) product."""
@@ -145,7 +147,25 @@ def backbone_flops(model: Any) -> float:
 
 
 def summary(model: Any) -> dict[str, float]:
-  """A dict of the per-piece counts, in FLOPs per sample (for logs and benchmarks)."""
+  """A dict of the per-piece counts, in FLOPs per sample (for logs and benchmarks).
+
+  DiT/U-ViT: embed, one block / attention / MLP / skip fusion, head, all blocks, total. The
+  U-Net (per-unit formulas in `jaxee/models/unet_units.py`): embed (time MLP + conv_in), all
+  ResBlocks, all attention blocks, the down/upsamplers, head (conv_out), all units, total.
+  """
+  if model.family == "unet":
+    bb = model.backbone("block")
+    kinds = np.array([u.kind for u in bb.specs])
+    body = bb.unit_flops - bb.enter_flops
+    return {
+        "embed": float(bb.embed_flops),
+        "res": float(body[kinds == "res"].sum()),
+        "attn": float(body[kinds == "attn"].sum()),
+        "resample": float(bb.enter_flops.sum()),
+        "head": float(bb.head_flops),
+        "blocks": float(bb.unit_flops.sum()),
+        "total": float(bb.full_flops),
+    }
   return {
       "embed": embed_flops(model),
       "block": block_flops(model),

@@ -15,8 +15,10 @@ wasted, and clearing it leaves the sampler output bit-for-bit unchanged. Convent
   cascade down a step and one sweep is a fixed point (`rectify` checks it);
 * extra readers (`skip_consumers`, from the backbone contract's `Backbone.skip_consumers()`):
   a U-ViT in-block's output is also the long skip of its paired out-block (U-ViT
-  `UViT.forward`, LIFO), so there an entry is cleared only when that consumer is 0 too
-  (otherwise the clear would change the output). Pass `skip_consumers=None` for the bare rule.
+  `UViT.forward`, LIFO); a U-Net unit's output may be read by two up ResNets (its own skip and,
+  through the next unit's downsample, the downsample's skip). An entry is cleared only when every
+  such consumer is 0 too at that step (otherwise the clear would change the output). A
+  consumer is a unit index or a tuple of them. Pass `skip_consumers=None` for the bare rule.
 
 `research/ee_methods.md` §4.7 and §5.5 describe TABM; this module is host-side NumPy only.
 
@@ -43,13 +45,14 @@ def uvit_skip_consumers(num_in_blocks: int) -> dict[int, int]:
   return {b: n + 1 + (n - 1 - b) for b in range(n)}
 
 
-def rectify(mask: np.ndarray, skip_consumers: Optional[dict[int, int]] = None) -> np.ndarray:
+def rectify(mask: np.ndarray, skip_consumers: Optional[dict[int, Any]] = None) -> np.ndarray:
   """TABM rectification of a (steps × blocks) mask (see module docstring).
 
   Args:
     mask: (T, L) binary mask, 1 = compute, rows in execution order.
-    skip_consumers: extra consumers of a block's output at the same step (U-ViT in-block →
-      out-block unit index), or None.
+    skip_consumers: extra consumers of a block's output at the same step ({producer: consumer
+      unit index or tuple of indices}: U-ViT in-block → out-block, U-Net down unit → up
+      ResNets), or None.
 
   Returns:
     The rectified boolean mask (row 0 all ones).
@@ -59,13 +62,15 @@ def rectify(mask: np.ndarray, skip_consumers: Optional[dict[int, int]] = None) -
     raise ValueError(f"mask must be 2-D (steps × blocks), got shape {m.shape}")
   m[0] = True
   steps, blocks = m.shape
-  consumers = skip_consumers or {}
+  consumers = {int(b): _as_tuple(c) for b, c in (skip_consumers or {}).items()}
+  bad = [c for cs in consumers.values() for c in cs if not 0 <= c < blocks]
+  if bad or any(not 0 <= b < blocks for b in consumers):
+    raise ValueError(f"skip_consumers name units outside [0, {blocks}): {skip_consumers}")
 
   def clearable(r, b):
     if not (m[r, b] and not m[r, b + 1] and m[r + 1, b]):
       return False
-    c = consumers.get(b)
-    return c is None or not m[r, c]
+    return not any(m[r, c] for c in consumers.get(b, ()))
 
   for r in range(steps - 2, -1, -1):
     for b in range(blocks - 2, -1, -1):
@@ -74,6 +79,12 @@ def rectify(mask: np.ndarray, skip_consumers: Optional[dict[int, int]] = None) -
   if any(clearable(r, b) for r in range(steps - 1) for b in range(blocks - 1)):
     raise AssertionError("rectification sweep did not reach a fixed point")
   return m
+
+
+def _as_tuple(consumer) -> tuple[int, ...]:
+  if isinstance(consumer, (int, np.integer)):
+    return (int(consumer),)
+  return tuple(int(c) for c in consumer)
 
 
 def force_first_row(mask: np.ndarray) -> np.ndarray:

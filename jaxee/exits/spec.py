@@ -9,6 +9,8 @@
     parse_plan('duodiff:300:random=3', model, rng=key)   # a random 3-block shallow copy
     parse_plan('deediff:WORKDIR', model)                 # trained heads/UEMs and θ
     parse_plan('deediff:scripted=4,12', model, params=p, rng=key)  # timing: exits at 4..12
+    parse_plan('deepcache:3', model)                     # DeepCache, N = 3, shallowest branch
+    parse_plan('deepcache:5:branch=2', model)            # a deeper branch (U-Net only)
     parse_plan('file:PLAN', model)                       # any saved plan file (`exits.io`)
     parse_plan('fora:3', model, nfe_times=times)         # FORA: full network every 3rd NFE
     parse_plan('fora:3:block', model, nfe_times=times)   #   ... caching block outputs
@@ -28,7 +30,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
-KINDS = ("full", "ase", "mask", "file", "search", "duodiff", "deediff", "fora", "teacache")
+KINDS = ("full", "ase", "mask", "file", "search", "duodiff", "deediff", "fora", "teacache",
+         "deepcache")
 
 
 def _kv(arg: str) -> tuple[Optional[str], str]:
@@ -161,6 +164,10 @@ def _duodiff(args, spec, model, options, rng, load_shallow):
   key, value = _kv(args[1]) if len(args) > 1 else (None, "")
   if key == "random":
     from jaxee import testing  # pylint: disable=g-import-not-at-top
+    if not hasattr(model, "depth"):
+      raise ValueError(f"plan {spec!r}: a random shallow copy takes the backbone's first blocks "
+                       f"(`depth`), which a {type(model).__name__} does not have; pass a "
+                       "shallow denoiser of your own (DuoDiffPlan(shallow_model, params))")
     shallow = model.clone(depth=int(value), parent=None)
     rng = jax.random.PRNGKey(11) if rng is None else rng
     shallow_params = testing.random_params(shallow, rng)
@@ -195,6 +202,23 @@ def _deediff(args, spec, model, params, options, rng):
                                                  else threshold),
                              uem=meta.get("uem", "token_mean"), layout=meta["layout"],
                              **extra)
+
+
+def _deepcache(args, spec, model):
+  from jaxee.exits import deepcache  # pylint: disable=g-import-not-at-top
+  if not args or not args[0]:
+    raise ValueError(f"plan {spec!r}: give the interval N (deepcache:N[:branch=B])")
+  interval, branch = _float(args[0], spec, "N"), 0.0
+  for arg in args[1:]:
+    key, value = _kv(arg)
+    if key != "branch":
+      raise ValueError(f"plan {spec!r}: unknown DeepCache option {arg!r} (branch=B)")
+    branch = _float(value, spec, "branch")
+  if not interval.is_integer() or not branch.is_integer():
+    raise ValueError(f"plan {spec!r}: N and branch must be integers")
+  plan = deepcache.DeepCachePlan(int(interval), int(branch), {"spec": spec})
+  deepcache.branches(model)  # refuses backbones without skip branches here, with the reason
+  return plan
 
 
 def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times=None,
@@ -247,11 +271,13 @@ def parse_plan(spec: Optional[str], model: Any, *, params: Any = None, nfe_times
     return _fora(args, spec, model, nfe_times)
   if kind == "teacache":
     return _teacache(args, spec)
+  if kind == "deepcache":
+    return _deepcache(args, spec, model)
   raise ValueError(f"unknown plan spec {spec!r}: use none/full, ase:TABLE|COUNTS[:switch], "
                    "mask:FILE|skip=F[:branch][:CACHE_MODE], file:PATH, search:PATH, "
                    "duodiff:T_S[:random=DEPTH], deediff:WORKDIR|scripted=NOISE[,CLEAN], "
-                   "fora:K[:block|branch], teacache:THRESHOLD[:RULE][:poly=C,...], joined with "
-                   "'+' to compose")
+                   "fora:K[:block|branch], teacache:THRESHOLD[:RULE][:poly=C,...], "
+                   "deepcache:N[:branch=B], joined with '+' to compose")
 
 
 def referenced_files(spec: Optional[str]) -> list[pathlib.Path]:

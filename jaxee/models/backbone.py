@@ -133,14 +133,28 @@ class Backbone:
   def refs(self) -> list[UnitRef]:
     return [self.ref(i) for i in range(self.num_units)]
 
-  def skip_consumers(self) -> Optional[dict[int, int]]:
+  def skip_consumers(self) -> Optional[dict[int, Union[int, tuple[int, ...]]]]:
     """Units whose output is also read later in the same forward, beyond the next unit.
 
-    Returns {producer unit index: consumer unit index} (U-ViT: an in-block's output is the long
-    skip of its paired out-block), or None (default) when every unit's output is read only by the
-    next unit. Host-side structure, used by mask rectification (`jaxee/exits/mask_tools.py`).
+    Returns {producer unit index: consumer unit index, or a tuple of them} (U-ViT: an in-block's
+    output is the long skip of its paired out-block; U-Net: a unit before a downsample feeds two
+    up ResNets), or None (default) when every unit's output is read only by the next unit.
+    Host-side structure, used by mask rectification (`jaxee/exits/mask_tools.py`).
     """
     return None
+
+  def cache_branches(self) -> tuple[tuple[int, int], ...]:
+    """DeepCache branch points (`jaxee/exits/deepcache.py`), shallowest first.
+
+    Each is (a, r): a cached step may skip units a..r−1 and the `enter` of unit r entirely, put
+    the stream cached after unit r's `enter` at the last full step in their place and continue
+    from unit r's `compute`, because no unit from a on writes state that unit r or a later one
+    reads except the stream. Families without skip branches raise NotImplementedError (default).
+    """
+    raise NotImplementedError(
+        f"{type(self).__name__} has no DeepCache branch points: DeepCache caches the up path's "
+        "high-level feature of a U-Net skip branch and needs a backbone whose deep units are "
+        "bypassed by skip connections (the DDPM U-Net implements Backbone.cache_branches)")
 
   def at(self, granularity: str) -> "Backbone":
     """The same model at another granularity."""
@@ -216,6 +230,10 @@ class Backbone:
   def step_signature_flops(self) -> float:
     """FLOPs per sample of `step_signature` beyond `embed` (default 0)."""
     return 0.0
+
+  def final_feature(self, state: State) -> jax.Array:
+    """The hidden state the head reads, batch-major (TABM's x_end); default the stream `h`."""
+    return state["h"]
 
   def run_unit(self, params, ref: Union[UnitRef, int], state: State) -> State:
     """enter → compute → apply (a static int `ref` is resolved with `self.ref`)."""

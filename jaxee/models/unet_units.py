@@ -162,12 +162,12 @@ class UNetBackbone(bb_lib.Backbone):
     return tuple(bb_lib.Segment(u.name, i, 1) for i, u in enumerate(self.specs))
 
   def skip_consumers(self):
-    """Down-path units whose output is a skip → the up ResNet that concatenates it.
+    """Down-path units whose output is also read by up ResNets → those ResNets' unit indices.
 
-    The last unit of a down level that has a downsampler has two such readers (its own skip and,
-    through the next unit's `enter`, the downsample output's), which the contract's
-    one-consumer map cannot express: then this raises NotImplementedError (so TABM
-    rectification is refused rather than allowed to change the output).
+    A unit that pushes a skip is read by the up ResNet that pops it; the last unit of a down
+    level with a downsampler is also read, through the next unit's `enter` (the downsample), by
+    the up ResNet that pops the downsample's slot. Values are sorted tuples (rectification clears
+    such a unit only when all of them are skipped too).
     """
     specs = self.specs
     reader = {u.pop: i for i, u in enumerate(specs) if u.pop is not None}
@@ -175,12 +175,32 @@ class UNetBackbone(bb_lib.Backbone):
     for i, u in enumerate(specs):
       if u.pre_push is not None and i > 0:
         readers.setdefault(i - 1, set()).add(reader[u.pre_push])
-    if any(len(r) > 1 for r in readers.values()):
-      raise NotImplementedError(
-          "U-Net units before a downsample feed two up-path ResNets (their own skip and the "
-          "downsample's); Backbone.skip_consumers maps one consumer per unit, so mask "
-          "rectification is not available for the U-Net")
-    return {i: next(iter(r)) for i, r in readers.items()}
+    return {i: tuple(sorted(r)) for i, r in sorted(readers.items())}
+
+  def cache_branches(self):
+    """DeepCache branch points (a, r), shallowest first (Ma et al., CVPR 2024, §3).
+
+    For every up-path unit r: the stream after r's `enter` (after the upsampler when r starts a
+    level: DeepCache's cached output of U_{m+1}) can be reused if no skip slot read by r or later
+    units is written by a skipped unit, so a = 1 + the last unit before r writing such a slot
+    (its apply's skip or its `enter`'s downsample; slot 0 is `embed`'s). Pairs with a < r only.
+    r = the last unit gives a = 0: only conv_in, the last up ResNet and the head run (DeepCache's
+    shallowest branch); a larger r keeps more of the down path.
+    """
+    specs = self.specs
+    writer = {0: -1}
+    for i, u in enumerate(specs):
+      for slot in (u.push, u.pre_push):
+        if slot is not None:
+          writer[slot] = i
+    out = []
+    for r in range(len(specs) - 1, -1, -1):
+      if specs[r].where != "up":
+        continue
+      a = 1 + max((writer[u.pop] for u in specs[r:] if u.pop is not None), default=-1)
+      if a < r:
+        out.append((a, r))
+    return tuple(out)
 
   @property
   def input_shape(self):
@@ -307,6 +327,11 @@ class UNetBackbone(bb_lib.Backbone):
     h0, temb = state["skips"][0], state["temb"]
     return jnp.concatenate([h0.reshape(h0.shape[0], -1), temb.astype(h0.dtype)], axis=1)
 
+  def final_feature(self, state):
+    """The full-resolution map the head reads (the stream buffer's prefix; its tail is stale)."""
+    m = self.module
+    return self._read(state, m.sample_size, m.block_out_channels[0])
+
   def head(self, params, state):
     m = self.module
-    return self._call(params, "head", self._read(state, m.sample_size, m.block_out_channels[0]))
+    return self._call(params, "head", self.final_feature(state))

@@ -30,12 +30,8 @@ from jaxee.exits import plan as plan_lib
 def random_params(model: Any, rng, scale: float = 0.05, x_shape: Optional[tuple] = None):
   """Initialises `model` and adds N(0, scale²) noise to every leaf."""
   k_init, k_noise = jax.random.split(rng)
-  if model.family == "dit":
-    shape = x_shape or (1, model.input_size, model.input_size, model.in_channels)
-    y = jnp.zeros((shape[0],), jnp.int32)
-  else:
-    shape = x_shape or (1, model.img_size, model.img_size, model.in_chans)
-    y = jnp.zeros((shape[0],), jnp.int32) if model.num_classes > 0 else None
+  shape = x_shape or (1,) + _input_shape(model)
+  y = jnp.zeros((shape[0],), jnp.int32) if model.num_classes > 0 else None
   params = jax.jit(model.init)(k_init, jnp.zeros(shape), jnp.zeros((shape[0],)), y)["params"]
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(k_noise, len(leaves))
@@ -43,11 +39,19 @@ def random_params(model: Any, rng, scale: float = 0.05, x_shape: Optional[tuple]
   return jax.tree.unflatten(tree, leaves)
 
 
+def _input_shape(model: Any) -> tuple:
+  """(H, W, C) of one sample, from the backbone contract (every family)."""
+  from jaxee.models import backbone as bb_lib  # pylint: disable=g-import-not-at-top
+  return tuple(bb_lib.as_backbone(model).input_shape)
+
+
 @functools.lru_cache(maxsize=16)
 def _tiny(family: str, seed: int, depth: int, overrides: tuple):
   if family == "dit":
     cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth,
                num_heads=4, num_classes=10)
+  elif family == "unet":
+    cfg = dict(TINY_UNET)
   else:
     cfg = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=depth, num_heads=4)
   cfg.update(overrides)
@@ -78,16 +82,32 @@ def tiny_uvit(rng=None, depth: int = 6, **overrides):
   return model, random_params(model, rng)
 
 
+def tiny_unet(rng=None, **overrides):
+  """A tiny unconditional DDPM U-Net (8×8×3; levels of 8 and 16 channels, attention at the
+  second level and in the mid block; 12 units: 3 down, 3 mid, 6 up).
+
+  `rng` as in `tiny_dit` (default seed 3); `overrides` are `UNet` (diffusers config) fields.
+  """
+  if rng is None or isinstance(rng, int):
+    return _tiny("unet", 3 if rng is None else rng, 0, tuple(sorted(overrides.items())))
+  model = _tiny("unet", 3, 0, tuple(sorted(overrides.items())))[0]
+  return model, random_params(model, rng)
+
+
+# The `tiny_unet` configuration (diffusers `UNet2DModel` config keys).
+TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                 norm_num_groups=4, attention_head_dim=None, freq_shift=1,
+                 flip_sin_to_cos=False, downsample_padding=0, norm_eps=1e-6)
+
+
 def example_inputs(model: Any, batch: int = 2, rng=None):
   """(x, y) for a model; y is None for unconditional models."""
   rng = jax.random.PRNGKey(2) if rng is None else rng
-  if model.family == "dit":
-    shape = (batch, model.input_size, model.input_size, model.in_channels)
-    y = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
-  else:
-    shape = (batch, model.img_size, model.img_size, model.in_chans)
-    y = (jnp.arange(batch, dtype=jnp.int32) % model.num_classes
-         if model.num_classes > 0 else None)
+  shape = (batch,) + _input_shape(model)
+  y = (jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+       if model.num_classes > 0 else None)
   return jax.random.normal(rng, shape), y
 
 

@@ -11,9 +11,11 @@ Readings fixed here (documented choices):
 
 * **x_end** is the hidden state after the last transformer block, before the head (the step's
   final feature, `ee_methods.md` §4.7 "final block hidden state"; the head is not needed for the
-  loss). `loss_target='output'` uses the network output (ε, σ) instead. ‖·‖₂ is the per-sample
-  L2 norm over tokens × channels (computed as sqrt(Σd² + 1e-12) so its gradient is finite at 0),
-  averaged over the calibration batch; `loss_norm='mse'` uses the mean square instead.
+  loss): the contract's `Backbone.final_feature(state)` (tokens for DiT/U-ViT, the
+  full-resolution map after the last up ResBlock for the U-Net, whose stream buffer is wider).
+  `loss_target='output'` uses the network output (ε, σ) instead. ‖·‖₂ is the per-sample L2 norm
+  over tokens (U-Net: pixels) × channels (computed as sqrt(Σd² + 1e-12) so its gradient is
+  finite at 0), averaged over the calibration batch; `loss_norm='mse'` uses the mean square instead.
 * **Trajectory**: the teacher (full network, with the configured sampler, step count and CFG)
   samples `num_samples` trajectories from Gaussian noise — no data. Every NFE's network input
   (the CFG-doubled batch when guided) is recorded through `jaxee.sample` itself, so the inputs
@@ -248,7 +250,8 @@ def make_step_fns(model, st: _StepStatics):
 
   def features(params, state, gates=None, cache=None):
     state, values = teacher.run_units(bb, params, state, gates, cache, st.unit)
-    return (state["h"] if st.loss_target == "x_end" else bb.head(params, state)), values
+    out = bb.final_feature(state) if st.loss_target == "x_end" else bb.head(params, state)
+    return out, values
 
   def reconstruction(pred, target):
     d = (pred - target).reshape(pred.shape[0], -1)

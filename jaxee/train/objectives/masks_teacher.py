@@ -172,7 +172,7 @@ class _RecorderPlan:
 
     def net(x, t_net, y, nfe_index, cache):
       state = bb_lib.run_all(bb, params, bb.embed(params, x, t_net, y))
-      x_end = state["h"]
+      x_end = bb.final_feature(state)
       out = bb.head(params, state)
       axes = tuple(range(1, x_end.ndim))
       diff = jnp.sqrt(jnp.sum((x_end - cache) ** 2, axis=axes))
@@ -182,7 +182,8 @@ class _RecorderPlan:
 
     def init_cache(x_batch, y=None):
       shape = jax.eval_shape(
-          lambda xx, yy: bb.embed(params, xx, jnp.zeros((xx.shape[0],)), yy)["h"],
+          lambda xx, yy: bb.final_feature(
+              bb.embed(params, xx, jnp.zeros((xx.shape[0],)), yy)),
           jax.ShapeDtypeStruct(jnp.shape(x_batch), jnp.float32), y)
       return jnp.zeros(shape.shape, shape.dtype)
 
