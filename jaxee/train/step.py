@@ -218,6 +218,16 @@ class ParallelStep:
     """Puts a (host or single-device) state into this step's layout (always a copy)."""
     return self.place_replicated(state)
 
+  def restore_template(self, host_state: state_lib.TrainState) -> PyTree:
+    """What a checkpoint restore should produce for this layout: abstract arrays on the
+    replicated `NamedSharding` (restored in place, no host copy, already in this layout), or
+    the host state (pmap: then `place_state` it)."""
+    if self.kind == "pmap":
+      return host_state
+    repl = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                       sharding=repl), host_state)
+
   def place_replicated(self, tree: PyTree) -> PyTree:
     """Puts a host pytree (identical on every process) into the replicated layout: a leading
     device axis for pmap, `NamedSharding(mesh, P())` global arrays otherwise (always a copy)."""
