@@ -12,7 +12,10 @@ Config schema (defaults in `jaxee/train/config_base.py` `base_config()`; every e
   model, params, rng) -> MethodSetup`) or `'masks'` (`jaxee.train.objectives.masks.run(config,
   workdir, model, params)`: trajectory-based mask optimisation, no data loop).
 * `model.arch`, `model.overrides` (dict): `jaxee.models.create(arch, **overrides)`, the
-  backbone being fine-tuned (or the deep model a method derives its network from).
+  backbone being fine-tuned (or the deep model a method derives its network from);
+  `model.compute_dtype` ('bfloat16': bf16 compute, float32 params and optimizer state) and
+  `model.remat` (True: per-block activation rematerialisation), both None = the model's own
+  (`jaxee.models.with_runtime`, docs/SCALING.md).
 * `init`: `''` (random init from `train.seed`), a converted checkpoint directory, a jaxee
   training workdir (its latest EMA weights) or a PyTorch/safetensors file.
 * `data`: `source` (`jaxee.data.get_source` name: 'digits', 'cifar10', 'celeba64',

@@ -248,6 +248,12 @@ class ParallelStep:
     data = NamedSharding(self.mesh, P(DATA))
     return jax.tree.map(lambda x: _to_global(x, data), local_batch)
 
+  def adopt_restored(self, state: state_lib.TrainState) -> Tuple[state_lib.TrainState, jax.Array]:
+    """`(state, base key)` in this layout from a state restored onto `restore_template`."""
+    rng = state.rng
+    rng = np.asarray(rng.addressable_data(0)) if isinstance(rng, jax.Array) else rng
+    return (self.place_state(state) if self.kind == "pmap" else state), self.place_rng(rng)
+
   def place_rng(self, rng) -> jax.Array:
     """The base key in this step's layout (replicated)."""
     rng = state_lib.as_raw_key(rng)

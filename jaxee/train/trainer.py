@@ -151,10 +151,12 @@ def _cfg(section, name, default=None):
 
 
 def build_model(config):
-  """The backbone of `config.model` (`arch` + `overrides`)."""
+  """The backbone of `config.model`: `arch` + `overrides`, then `compute_dtype` / `remat`."""
   from jaxee import models  # pylint: disable=g-import-not-at-top
   overrides = dict(_cfg(config.model, "overrides", {}) or {})
-  return models.create(config.model.arch, **overrides)
+  return models.with_runtime(models.create(config.model.arch, **overrides),
+                             compute_dtype=_cfg(config.model, "compute_dtype", None),
+                             remat=_cfg(config.model, "remat", None))
 
 
 def init_params(config, model, rng) -> PyTree:
@@ -370,8 +372,7 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   ps = step_lib.make_train_step(t.parallel, loss_fn=setup.loss_fn, tx=tx,
                                 ema_decay=float(t.ema_decay),
                                 ema_warmup=_cfg(t, "ema_warmup", None))
-  # Restored straight onto the step's layout (each process reads its shards; pmap: on host).
-  restored = checkpointer.restore_latest(ps.restore_template(host_state))
+  restored = checkpointer.restore_latest(ps.restore_template(host_state))  # onto the layout
   start = 0
   if restored is None:
     workdir_lib.refuse_silent_restart(workdir, ckpt_every=int(t.ckpt_every),
@@ -403,8 +404,7 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   if restored is None:
     state, rng = ps.place_state(host_state), ps.place_rng(host_state.rng)
   else:  # the saved base key (not a changed config's seed) keeps the resume exact
-    rng = ps.place_rng(ckpt_lib.to_host(restored_state.rng))
-    state = ps.place_state(restored_state) if ps.kind == "pmap" else restored_state
+    state, rng = ps.adopt_restored(restored_state)
   del host_state, restored
   num_steps = int(t.num_steps)
   log_every, ckpt_every = int(t.log_every), int(t.ckpt_every)
