@@ -211,7 +211,7 @@ class TrainCheckpointer:
   """Saves and restores `(TrainState, loader position, host state)` under `directory`.
 
   Every process constructs one and calls `save` / `restore_latest` (Orbax synchronises them);
-  only process 0 writes files.
+  each process writes the array slices it owns (its own OCDBT store), process 0 the meta.
   """
 
   def __init__(self, directory: os.PathLike | str, *, keep: int = 3, async_save: bool = True,
