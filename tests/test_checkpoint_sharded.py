@@ -169,3 +169,20 @@ def test_fingerprint_independent_of_sharding_and_sensitive():
   for leaf in (np.arange(5, dtype=np.int8), np.ones(3, np.bool_),
                np.ones(4, jnp.bfloat16), np.zeros((), np.int32)):
     assert isinstance(checkpoint.fingerprints({"v": leaf})["v"], int)
+
+
+def test_v1_checkpoints_still_restore_with_their_crc32(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mesh = _mesh()
+  s = _sharded_state(mesh, step=4)
+  flat = checkpoint.flatten_state(checkpoint.to_host(s))
+  meta = {"format": checkpoint.FORMAT_V1, "step": 4, "loader": {}, "host": {},
+          "crc32": checkpoint.checksums(flat),
+          "leaves": {k: [str(v.dtype), list(v.shape)] for k, v in sorted(flat.items())}}
+  mgr = checkpoint.TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+  mgr._manager.save(4, args=ocp.args.Composite(  # what v1's `save` wrote
+      state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)))
+  mgr.wait()
+  restored, _ = mgr.restore(4, s)  # onto the sharded layout
+  _assert_same(s, restored)
+  mgr.close()
