@@ -2,8 +2,10 @@
 
 Process p samples and writes the shards k ≡ p (mod 2): every shard is written exactly once (the
 per-process `shards_written` lists are disjoint and cover all shards), the manifest lists them
-all, and the bytes equal a one-process run's (same seed; `multi_device=False` in both so the
-comparison is byte for byte). The one-process comparison with 8 devices splitting each batch is
+all, and the bytes equal a one-process run's (same seed). Both runs use the CLI's default
+`multi_device=True` with 2 local CPU devices per process (each batch split over them), so the
+per-device work is the same and the comparison is byte for byte. The one-process comparison with
+8 devices splitting each batch vs 1 device is
 `test_sample_cli.py::test_batch_sharded_over_devices_matches_one_device`.
 """
 import json
@@ -28,7 +30,7 @@ def _port() -> int:
 def _args(out, *extra):
   return [sys.executable, "-m", "jaxee.cli.sample", "--config=configs/sample_dit.py:runlocal",
           f"--config.ckpt={FIXTURES / 'dit_tiny.pt'}", f"--config.out_dir={out}",
-          "--config.progress=False", "--config.multi_device=False", "--config.steps=2", *extra]
+          "--config.progress=False", "--config.steps=2", *extra]
 
 
 def _env(devices: int):
@@ -57,7 +59,7 @@ def test_two_processes_write_every_shard_exactly_once(tmp_path):
     assert p.returncode == 0, err[-3000:]
   results = [_result(o) for o, _ in outs]
   assert [r["process"] for r in results] == [0, 1]
-  assert all(r["process_count"] == 2 for r in results)
+  assert all(r["process_count"] == 2 and r["num_devices"] == 2 for r in results)
   written = [r["shards_written"] for r in results]
   assert written == [[0, 2], [1]]  # k mod 2 == p, disjoint, together all three
   manifest = json.loads((multi / "manifest.json").read_text())
@@ -67,7 +69,7 @@ def test_two_processes_write_every_shard_exactly_once(tmp_path):
   provenance = json.loads((multi / "provenance.json").read_text())
   assert sorted(provenance["shards"]) == [pathlib.Path(n).name for n in names]
 
-  one = subprocess.run(_args(single), cwd=ROOT, env=_env(1), capture_output=True, text=True,
+  one = subprocess.run(_args(single), cwd=ROOT, env=_env(2), capture_output=True, text=True,
                        timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   assert _result(one.stdout)["shards_written"] == [0, 1, 2]
