@@ -186,6 +186,7 @@ def sample_base_config() -> config_dict.ConfigDict:
   c.merge = False
   c.force = False
   c.progress = True
-  c.multi_device = True
+  c.multi_device = True  # split each batch over the local devices (processes: by shard)
+  c.compute_dtype = config_dict.placeholder(str)  # None: float32; 'bfloat16': bf16 compute
   c.grid_nrow = 8
   return c

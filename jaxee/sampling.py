@@ -185,7 +185,7 @@ def _schedule_key(sched):
 def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddim",
            steps: int = 50, labels=None, guidance: Optional[float] = None, plan=None,
            x_T=None, schedule=None, return_stats: bool = False, check_finite: bool = True,
-           noise=None, **sampler_options):
+           noise=None, compute_dtype: Optional[str] = None, **sampler_options):
   """Samples `num` images (or latents) from a backbone.
 
   Args:
@@ -213,6 +213,9 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
       (draws = steps); euler_maruyama: every step but the last (draws = steps − 1). With
       guidance the draws are for the `num` sampled rows (the guided denoiser makes one
       prediction per row).
+    compute_dtype: 'bfloat16' (or 'float16', 'float32') to run the network in that dtype with
+      its float32 params (`models.with_runtime`); the sampler's state and updates stay
+      float32. None: the model's own `dtype` (float32 unless it was built otherwise).
     **sampler_options: `var_type` (ddpm: 'fixed_small' = DuoDiff's β̃, 'fixed_large' = β),
       `eta` and `grid` (ddim: 'dit' | 'duodiff'), `eps` / `T` (continuous samplers).
 
@@ -221,6 +224,9 @@ def sample(model, params, rng, *, num: Optional[int] = None, sampler: str = "ddi
     per-NFE arrays (`blocks`: mean blocks run per sample, `flops`: FLOPs per sample; plans
     may add more) plus `nfe_times` when `return_stats=True`.
   """
+  if compute_dtype is not None:
+    from jaxee.models import registry  # pylint: disable=g-import-not-at-top
+    model = registry.with_runtime(model, compute_dtype=compute_dtype)
   steps = validation.check_sample_args(model, num=num, labels=labels, guidance=guidance,
                                        sampler=sampler, steps=steps, schedule=schedule)
   _check_options(sampler, sampler_options)

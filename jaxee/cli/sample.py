@@ -6,6 +6,15 @@ r"""`jaxee-sample`: sampling from the command line (`python -m jaxee.cli.sample`
     jaxee-sample --config=configs/sample_uvit.py:runlocal --config.sampler=euler_ode \
         --config.steps=25 --config.seed=3
 
+Sharded by default: each batch is split over every local device (`config.multi_device`, on by
+default) and, in a multi-process run, process p samples and writes the shards k ≡ p (mod P)
+(disjoint; process 0 writes the manifest once all are on disk):
+
+    jaxee-sample --config=... --multihost --coordinator_address=host0:1234 \
+        --num_processes=2 --process_id=$RANK
+
+`--config.compute_dtype=bfloat16` runs the network in bf16 with its float32 params.
+
 Every field of the config can be overridden as `--config.FIELD=VALUE` (ml_collections
 `config_flags`; the config is locked, so a misspelt field is an error). The run writes resumable
 shards, a PNG grid and the throughput to `config.out_dir` (see `jaxee.sharded.run`), shows a
@@ -42,6 +51,10 @@ def main(argv, config=None) -> int:
     config = flags.FLAGS["config"].value
   if config is None:
     raise app.UsageError("--config=configs/sample_dit.py[:arg] is required")
+  f = flags.FLAGS
+  if "multihost" in f and f.multihost:
+    from jaxee import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
   try:
     result = run_lib.run_sampling(config)
   except (ValueError, FileNotFoundError) as e:  # bad config, checkpoint, plan or out_dir
@@ -64,6 +77,12 @@ def run() -> None:
   cli.show_doc_in_absl_help(__doc__)
   if "config" not in flags.FLAGS:
     config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
+  if "multihost" not in flags.FLAGS:
+    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first; each "
+                      "process then samples its own disjoint shards.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
   started = []
 
   def run_main(argv):

@@ -4,10 +4,12 @@
 original forward on NHWC arrays.
 """
 from jaxee.models.dit import DiT, DiTBlock
-from jaxee.models.registry import (UNET_PRESETS, UVIT_PRESETS, create, from_config, list_archs,
-                                   model_config, unet_config_json)
+from jaxee.models.registry import (COMPUTE_DTYPES, UNET_PRESETS, UVIT_PRESETS, create,
+                                   from_config, list_archs, model_config, unet_config_json,
+                                   with_runtime)
 from jaxee.models.unet import UNet
 from jaxee.models.uvit import UViT, UViTBlock
 
 __all__ = ["DiT", "DiTBlock", "UNet", "UNET_PRESETS", "UViT", "UViTBlock", "UVIT_PRESETS",
-           "create", "from_config", "list_archs", "model_config", "unet_config_json"]
+           "COMPUTE_DTYPES", "create", "from_config", "list_archs", "model_config",
+           "unet_config_json", "with_runtime"]

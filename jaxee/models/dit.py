@@ -131,8 +131,9 @@ class DiT(nn.Module):
   class_dropout_prob: float = 0.1
   num_classes: int = 1000
   learn_sigma: bool = True
-  dtype: Dtype = None
+  dtype: Dtype = None  # compute dtype (None: the params' float32); params stay float32
   attn_impl: str = "xla"
+  remat: bool = False  # rematerialise each block in the backward pass (`layers.block_fn`)
 
   family = "dit"
   default_schedule = "linear_discrete"
@@ -194,10 +195,10 @@ class DiT(nn.Module):
 
   def head(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
     """FinalLayer (shift first) + unpatchify → (B, H, W, out_channels)."""
-    out = self.final_layer(tokens, c)
+    out = self.final_layer(tokens, c).astype(jnp.float32)  # whatever the compute dtype
     return layers.unpatchify(out, self.patch_size, self.out_channels)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None) -> jax.Array:
     tokens, c = self.embed(x, t, y)
-    tokens = layers.scan_blocks(self.block_module(), self.blocks, tokens, c)
+    tokens = layers.scan_blocks(self.block_module(), self.blocks, tokens, c, remat=self.remat)
     return self.head(tokens, c)

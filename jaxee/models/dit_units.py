@@ -74,7 +74,7 @@ class DiTBackbone(bb_lib.Backbone):
   # Compute --------------------------------------------------------------------------------------
   def _block(self, params, ref, *args, method="__call__"):
     p = bb_lib.take(params["blocks"], ref.group)
-    return self.module.block_module().apply({"params": p}, *args, method=method)
+    return layers.block_fn(self.module.block_module(), method, self.module.remat)(p, *args)
 
   def embed(self, params, x, t, y):
     tokens, c = self.module.apply({"params": params}, x, t, y, method="embed")

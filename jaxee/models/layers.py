@@ -175,8 +175,26 @@ def stacked_block_params(module: nn.Module, name: str, block: nn.Module, depth: 
   return module.param(name, init)
 
 
-def scan_blocks(block: nn.Module, params: Any, x: jax.Array, *broadcast: Any) -> jax.Array:
-  """Runs every block of a stacked param tree in order with `lax.scan` (one compiled body)."""
+def block_fn(block: nn.Module, method: str = "__call__", remat: bool = False):
+  """`f(params, *args)` = `block.apply({'params': params}, *args, method=method)`.
+
+  With `remat=True` the call is wrapped in `jax.checkpoint` (activation rematerialisation,
+  Chen et al. 2016 "Training deep nets with sublinear memory cost"): the backward pass keeps
+  only the block's inputs and recomputes its internals, so training memory grows with the depth
+  by one token tensor per block instead of all the block's activations. The values and
+  gradients are those of the plain call; only the schedule of the computation changes.
+  """
+  def f(p, *args):
+    return block.apply({"params": p}, *args, method=method)
+  return jax.checkpoint(f) if remat else f
+
+
+def scan_blocks(block: nn.Module, params: Any, x: jax.Array, *broadcast: Any,
+                remat: bool = False) -> jax.Array:
+  """Runs every block of a stacked param tree in order with `lax.scan` (one compiled body);
+  `remat`: rematerialise each block's activations in the backward pass (`block_fn`)."""
+  fn = block_fn(block, remat=remat)
+
   def body(h, p):
-    return block.apply({"params": p}, h, *broadcast), None
+    return fn(p, h, *broadcast), None
   return jax.lax.scan(body, x, params)[0]

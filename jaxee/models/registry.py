@@ -22,6 +22,8 @@ import json
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 from jaxee.models.dit import DIT_CONFIGS, DiT
 from jaxee.models.unet import UNet, config_from_diffusers
 from jaxee.models.uvit import UViT
@@ -131,6 +133,32 @@ def unet_config_json(src: Any, arch: str = "unet") -> dict[str, Any]:
   if name != "UNet2DModel":
     raise ValueError(f"config.json is for {name!r}, not UNet2DModel")
   return config_from_diffusers(src)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def with_runtime(model, *, compute_dtype: Any = None, remat: Any = None):
+  """`model` with its runtime options changed (None: keep the model's own value).
+
+  These options change how the network is computed, never its params or architecture:
+
+  * `compute_dtype`: 'float32' | 'bfloat16' | 'float16' (or a dtype): the dtype the layers
+    compute in (the Flax `dtype` field). Params stay float32 (`param_dtype`) and are cast per
+    layer; the residual stream and the predictions stay float32 (each family's `head` casts).
+  * `remat`: rematerialise every block's activations in the backward pass (DiT, U-ViT only).
+  """
+  changes = {}
+  if compute_dtype is not None:
+    name = compute_dtype if isinstance(compute_dtype, str) else jnp.dtype(compute_dtype).name
+    if name not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype {compute_dtype!r} is not one of {list(COMPUTE_DTYPES)}")
+    changes["dtype"] = None if name == "float32" else jnp.dtype(name)
+  if remat is not None:
+    if "remat" not in _fields(type(model)):
+      raise ValueError(f"remat is not an option of {type(model).__name__} (DiT and U-ViT only)")
+    changes["remat"] = bool(remat)
+  return model.clone(**changes) if changes else model
 
 
 def model_config(model) -> dict[str, Any]:

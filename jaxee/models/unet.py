@@ -337,7 +337,7 @@ class UNet(nn.Module):
     return (blk.downsamplers if where == "down" else blk.upsamplers)[0](h)
 
   def head(self, h: jax.Array) -> jax.Array:
-    return self.conv_out(nn.silu(self.conv_norm_out(h)))
+    return self.conv_out(nn.silu(self.conv_norm_out(h))).astype(jnp.float32)  # any compute dtype
 
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None) -> jax.Array:
     h, temb = self.embed(x, t, y)

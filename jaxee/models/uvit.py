@@ -47,8 +47,11 @@ class UViTBlock(nn.Module):
       self.skip_linear = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_trunc02)
 
   def merge_skip(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-    """The out-block's long-skip fusion `skip_linear(concat[x, skip])` (current stream first)."""
-    return self.skip_linear(jnp.concatenate([x, skip], axis=-1))
+    """The out-block's long-skip fusion `skip_linear(concat[x, skip])` (current stream first).
+
+    The result keeps the stream's dtype: with a low-precision compute `dtype` the layers run in
+    it while the residual stream stays float32 (as in the other residual additions)."""
+    return self.skip_linear(jnp.concatenate([x, skip], axis=-1)).astype(x.dtype)
 
   def attn_branch(self, x: jax.Array) -> jax.Array:
     return self.attn(self.norm1(x))
@@ -86,8 +89,9 @@ class UViT(nn.Module):
   # t in {0..999} reaches the embedding as t/1000. False: t as given (every other setting).
   normalize_timesteps: bool = False
   cfg_null_class: Optional[int] = None  # set by presets whose label table has a null row
-  dtype: Dtype = None
+  dtype: Dtype = None  # compute dtype (None: the params' float32); params stay float32
   attn_impl: str = "xla"
+  remat: bool = False  # rematerialise each block in the backward pass (`layers.block_fn`)
 
   family = "uvit"
   learn_sigma = False
@@ -138,7 +142,7 @@ class UViT(nn.Module):
     tokens = jnp.zeros((1, n, d), jnp.float32)
     self.in_blocks = layers.stacked_block_params(
         self, "in_blocks", self.block_module(False), self.num_in_blocks, tokens)
-    self.mid_block = UViTBlock(d, self.num_heads, self.mlp_ratio, self.qkv_bias, False, self.dtype,
+    self.mid_block = (nn.remat(UViTBlock) if self.remat else UViTBlock)(d, self.num_heads, self.mlp_ratio, self.qkv_bias, False, self.dtype,
                                self.attn_impl)
     self.out_blocks = layers.stacked_block_params(
         self, "out_blocks", self.block_module(True), self.num_in_blocks, tokens, tokens)
@@ -179,23 +183,24 @@ class UViT(nn.Module):
     """Final LN → decoder_pred → drop extras → unpatchify → optional conv; (B, H, W, C)."""
     out = self.decoder_pred(self.norm(tokens))[:, self.extras:]
     out = layers.unpatchify(out, self.patch_size, self.in_chans)
-    return self.final_layer(out) if self.conv else out
+    out = self.final_layer(out) if self.conv else out
+    return out.astype(jnp.float32)  # float32 predictions whatever the compute dtype
 
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None) -> jax.Array:
     tokens = self.embed(x, t, y)
-    in_block = self.block_module(False)
+    in_block = layers.block_fn(self.block_module(False), remat=self.remat)
 
     def push(h, p):
-      h = in_block.apply({"params": p}, h)
+      h = in_block(p, h)
       return h, h
 
     tokens, skips = jax.lax.scan(push, tokens, self.in_blocks)
     tokens = self.mid(tokens)
-    out_block = self.block_module(True)
+    out_block = layers.block_fn(self.block_module(True), remat=self.remat)
 
     def pop(h, p_and_skip):
       p, skip = p_and_skip
-      return out_block.apply({"params": p}, h, skip), None
+      return out_block(p, h, skip), None
 
     # out_blocks[i] consumes the output of in_blocks[n-1-i] (LIFO stack).
     tokens = jax.lax.scan(pop, tokens, (self.out_blocks, skips[::-1]))[0]

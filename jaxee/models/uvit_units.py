@@ -111,7 +111,7 @@ class UViTBackbone(bb_lib.Backbone):
     else:
       p = bb_lib.take(params["in_blocks" if seg == "in" else "out_blocks"], ref.group)
     blk = self.module.block_module(seg == "out")
-    return blk.apply({"params": p}, *args, method=method)
+    return layers.block_fn(blk, method, self.module.remat)(p, *args)
 
   def _skip(self, ref, state):
     return jax.lax.dynamic_index_in_dim(state["skips"], self._n - 1 - ref.group, 1,

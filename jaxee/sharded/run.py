@@ -119,6 +119,9 @@ def validate_config(config) -> None:
     problems.append(f"sampler {config.sampler!r} takes no option(s) {unknown}; it takes {allowed}")
   if not str(config.out_dir):
     problems.append("out_dir must be set")
+  if config.get("compute_dtype") not in (None, *models.COMPUTE_DTYPES):
+    problems.append(f"compute_dtype must be one of {models.COMPUTE_DTYPES} (or None), got "
+                    f"{config.compute_dtype!r}")
   if problems:
     raise ValueError("invalid sampling config:\n  " + "\n  ".join(problems))
 
@@ -406,23 +409,38 @@ def run_sampling(config, *, on_shard: Optional[Callable[[int, dict], None]] = No
   if plan_files:
     saved["plan_file_sha256"] = shards_lib.sha256(plan_files[0])
   out = pathlib.Path(config.out_dir).expanduser().absolute()
-  with shards_lib.claim_out_dir(out):
+  with shards_lib.claim_out_dir(out, None if jax.process_count() == 1 else jax.process_index()):
     return _run_claimed(config, out, saved, on_shard)
 
 
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
-  """`run_sampling` once `out` is claimed: resume, sample the missing shards, write manifest."""
-  old_config = shards_lib.prepare_out_dir(out, saved, bool(config.get("force", False)))
+  """`run_sampling` once `out` is claimed: resume, sample the missing shards, write manifest.
+
+  With P > 1 processes, process p samples and writes the shards k ≡ p (mod P) on its local
+  devices; process 0 alone cleans the out_dir first and writes provenance and the manifest last.
+  """
+  nproc, rank = jax.process_count(), jax.process_index()
+  old_config = shards_lib.prepare_out_dir(out, saved, bool(config.get("force", False)),
+                                          clean=rank == 0)
+  _barrier("jaxee_sample_prepared")
   model, params = load_backbone(config)
+  model = models.with_runtime(model, compute_dtype=config.get("compute_dtype"))
   vae, vae_params = load_vae(config)
   sampler = ShardSampler(config, model, params, vae, vae_params, make_plan(config, model, params))
   counts = shard_counts(int(config.num_samples), int(config.shard_size))
-  provenance = shards_lib.Provenance(out)
-  timer, n_done, n_skipped, config_written = [], 0, 0, False
+  provenance = shards_lib.Provenance(out, None if nproc == 1 else rank)
+  timer, n_done, n_skipped, config_written, written = [], 0, 0, False, []
   grid_path = out / "grid.png"
-  bar = tqdm.tqdm(total=sum(counts), unit="img", desc="sampling", dynamic_ncols=True,
-                  disable=not config.get("progress", True))
-  for k, count in enumerate(counts):
+  mine = [(k, c) for k, c in enumerate(counts) if k % nproc == rank]
+  bar = tqdm.tqdm(total=sum(c for _, c in mine), unit="img", desc="sampling",
+                  dynamic_ncols=True, disable=not config.get("progress", True))
+  for k, count in mine:
     path = out / "shards" / f"shard_{k:05d}.npz"
     arrays = read_shard(path, count, start=k * int(config.shard_size), kind=sampler.kind,
                         sample_shape=sampler.sample_shape, digest=provenance.digest(path.name))
@@ -434,6 +452,7 @@ def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
       write_npz(path, arrays)
       provenance.record(path.name, shards_lib.sha256(path), saved)
       n_done += 1
+      written.append(k)
     else:
       digest = shards_lib.sha256(path) if provenance.digest(path.name) is None else None
       if digest is not None:  # kept on content checks alone: sign it for the next resume
@@ -448,12 +467,20 @@ def _run_claimed(config, out: pathlib.Path, saved: dict, on_shard) -> dict:
     if on_shard is not None:
       on_shard(k, arrays)
   bar.close()
-  if not (out / "config.json").exists():  # a forced reuse of shards that had none
-    write_json(out / "config.json", saved)
   stats = _throughput(timer, config, n_done, n_skipped, sampler.plan_info)
-  if timer:  # a resume that computed nothing keeps the previous run's numbers
-    write_json(out / "throughput.json", stats)
-  manifest = shards_lib.write_manifest(out, counts, bool(config.get("merge", False)),
-                                          sampler.kind, provenance)
+  stats.update(process=rank, process_count=nproc, shards_written=written)
+  _barrier("jaxee_sample_shards_written")  # every process's shards are on disk
+  if rank == 0:
+    if not (out / "config.json").exists():  # a forced reuse of shards that had none
+      write_json(out / "config.json", saved)
+    if timer:  # a resume that computed nothing keeps the previous run's numbers
+      write_json(out / "throughput.json", stats)
+    if nproc > 1:
+      provenance = shards_lib.merge_provenance_parts(out)
+    manifest = shards_lib.write_manifest(out, counts, bool(config.get("merge", False)),
+                                         sampler.kind, provenance)
+  _barrier("jaxee_sample_manifest_written")
+  if rank != 0:
+    manifest = json.loads((out / "manifest.json").read_text())
   return {**stats, "out_dir": str(out), "manifest": manifest}
 

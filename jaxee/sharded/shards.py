@@ -16,6 +16,12 @@ truncated file) is logged and recomputed, never re-signed.
 
 Ownership: `claim_out_dir` holds an exclusive `flock` on `OUT/.jaxee.lock` for the whole run, so
 two processes never sample into one out_dir at once.
+
+Multi-process runs (`jax.distributed`, P processes): process p owns the shards k with
+k mod P = p; the processes share the out_dir lock (`claim_out_dir(process=p)`), any other run is
+still refused. Each records provenance in
+`provenance.part{p}.json` (read on top of `provenance.json`); after a barrier, process 0 folds
+the parts into `provenance.json` (`merge_provenance_parts`) and writes the manifest.
 """
 from __future__ import annotations
 
@@ -136,17 +142,20 @@ def _check_arrays(arrays: dict, count: int, start: Optional[int], kind: Optional
 class Provenance:
   """`OUT/provenance.json`: per shard the SHA-256 written and the id of the config that made it."""
 
-  def __init__(self, out: pathlib.Path):
+  def __init__(self, out: pathlib.Path, part: Optional[int] = None):
+    """`part`: this process's index in a multi-process run (records go to its part file)."""
     self.out = out
-    self.path = out / PROVENANCE_FILE
+    self.path = out / (PROVENANCE_FILE if part is None else f"provenance.part{part}.json")
     self.data = {"configs": {}, "shards": {}}
-    if self.path.is_file():
-      try:
-        data = json.loads(self.path.read_text())
-        self.data = {"configs": dict(data["configs"]), "shards": dict(data["shards"])}
-      except (ValueError, KeyError, TypeError) as e:
-        logging.warning("%s is unreadable (%s); shards are checked by index, shape and dtype "
-                        "only", self.path, e)
+    for path in dict.fromkeys([out / PROVENANCE_FILE, self.path]):
+      if path.is_file():
+        try:
+          data = json.loads(path.read_text())
+          self.data["configs"].update(dict(data["configs"]))
+          self.data["shards"].update(dict(data["shards"]))
+        except (ValueError, KeyError, TypeError) as e:
+          logging.warning("%s is unreadable (%s); shards are checked by index, shape and dtype "
+                          "only", path, e)
     self._manifest = {}
     manifest = out / "manifest.json"
     if manifest.is_file():
@@ -176,9 +185,28 @@ class Provenance:
     return bool(entry) and entry["sha256"] == digest
 
 
+def merge_provenance_parts(out: pathlib.Path) -> "Provenance":
+  """Folds every `provenance.part*.json` into `provenance.json` (then removes the parts)."""
+  merged = Provenance(out)
+  parts = sorted(out.glob("provenance.part*.json"))
+  for part in parts:
+    data = json.loads(part.read_text())
+    merged.data["configs"].update(data["configs"])
+    merged.data["shards"].update(data["shards"])
+  if parts:
+    write_json(merged.path, merged.data)
+    for part in parts:
+      part.unlink()
+  return merged
+
+
 @contextlib.contextmanager
-def claim_out_dir(out: pathlib.Path) -> Iterator[None]:
-  """Holds an exclusive lock on `out` (created if missing) for the duration of a run.
+def claim_out_dir(out: pathlib.Path, process: Optional[int] = None) -> Iterator[None]:
+  """Holds the out_dir lock of `out` (created if missing) for the duration of a run.
+
+  A single-process run (`process=None`) holds `OUT/.jaxee.lock` exclusively. Process p of a
+  multi-process run holds it shared plus `OUT/.jaxee.lock.p{p}` exclusively, so the processes
+  of one run share the out_dir while any other run (single or multi-process) is refused.
 
   Raises:
     OutDirError: `out` is a file, cannot be created/written, or another process holds it.
@@ -186,25 +214,34 @@ def claim_out_dir(out: pathlib.Path) -> Iterator[None]:
   if out.exists() and not out.is_dir():
     raise OutDirError(f"out_dir {out} is a file, not a directory; pass a directory path")
   created = not out.exists()
+  locks = [(LOCK_FILE, fcntl.LOCK_EX if process is None else fcntl.LOCK_SH)]
+  if process is not None:
+    locks.append((f"{LOCK_FILE}.p{int(process)}", fcntl.LOCK_EX))
+  fds = []
   try:
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-  except OSError as e:
-    raise OutDirError(f"cannot write to out_dir {out} ({e.strerror or e}); choose a writable "
-                      f"location") from None
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    os.close(fd)
-    raise OutDirError(f"another process is sampling into {out} (it holds {out / LOCK_FILE}); "
-                      f"wait for it to finish or use another out_dir") from None
-  try:
+    for name, mode in locks:
+      try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / name, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise OutDirError(f"cannot write to out_dir {out} ({e.strerror or e}); choose a "
+                          f"writable location") from None
+      fds.append(fd)
+      try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+      except OSError:
+        raise OutDirError(f"another process is sampling into {out} (it holds {out / name}); "
+                          f"wait for it to finish or use another out_dir") from None
     yield
   finally:
-    if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing
-      (out / LOCK_FILE).unlink(missing_ok=True)
-      out.rmdir()
-    os.close(fd)
+    names = {name for name, _ in locks}
+    if created and fds and {p.name for p in out.iterdir()} <= names:  # a run that wrote nothing
+      for name in names:
+        (out / name).unlink(missing_ok=True)
+      with contextlib.suppress(OSError):
+        out.rmdir()
+    for fd in fds:
+      os.close(fd)
 
 
 def shard_counts(num_samples: int, shard_size: int) -> list[int]:
@@ -213,8 +250,10 @@ def shard_counts(num_samples: int, shard_size: int) -> list[int]:
   return [shard_size] * full + ([rest] if rest else [])
 
 
-def prepare_out_dir(out: pathlib.Path, saved: dict, force: bool) -> Optional[dict]:
-  """Refuses a different run's out_dir (unless forced) and removes stale temp files.
+def prepare_out_dir(out: pathlib.Path, saved: dict, force: bool,
+                    clean: bool = True) -> Optional[dict]:
+  """Refuses a different run's out_dir (unless forced) and removes stale temp files (`clean`:
+  process 0 of a multi-process run only, before the others start writing).
 
   Returns:
     The out_dir's saved config (None when it has none).
@@ -242,6 +281,7 @@ def prepare_out_dir(out: pathlib.Path, saved: dict, force: bool) -> Optional[dic
     raise ConfigMismatchError(f"{shards} has files but {config_path} is missing; "
                               "set force=True (--config.force=True) to reuse it")
   stale_files = [*out.glob(".*.tmp-*"), *out.glob(".grid.png.*"), *shards.glob(".*.tmp-*")]
+  stale_files = stale_files if clean else []
   for stale in stale_files:
     logging.info("removing stale temp file %s", stale)
     stale.unlink(missing_ok=True)

@@ -66,7 +66,10 @@ def base_config() -> config_dict.ConfigDict:
   """Every shared field with its default (see `jaxee/train/launch.py` for the meaning of each)."""
   c = config_dict.ConfigDict()
   c.method = "baseline"
-  c.model = config_dict.ConfigDict({"arch": "dit", "overrides": config_dict.ConfigDict()})
+  # compute_dtype / remat: None keeps the model's own (float32, no remat); see
+  # `jaxee.models.with_runtime` and docs/SCALING.md.
+  c.model = config_dict.ConfigDict({"arch": "dit", "overrides": config_dict.ConfigDict(),
+                                    "compute_dtype": None, "remat": None})
   c.init = ""
 
   c.data = config_dict.ConfigDict()

@@ -12,7 +12,10 @@ Config schema (defaults in `jaxee/train/config_base.py` `base_config()`; every e
   model, params, rng) -> MethodSetup`) or `'masks'` (`jaxee.train.objectives.masks.run(config,
   workdir, model, params)`: trajectory-based mask optimisation, no data loop).
 * `model.arch`, `model.overrides` (dict): `jaxee.models.create(arch, **overrides)`, the
-  backbone being fine-tuned (or the deep model a method derives its network from).
+  backbone being fine-tuned (or the deep model a method derives its network from);
+  `model.compute_dtype` ('bfloat16': bf16 compute, float32 params and optimizer state) and
+  `model.remat` (True: per-block activation rematerialisation), both None = the model's own
+  (`jaxee.models.with_runtime`, docs/SCALING.md).
 * `init`: `''` (random init from `train.seed`), a converted checkpoint directory, a jaxee
   training workdir (its latest EMA weights) or a PyTorch/safetensors file.
 * `data`: `source` (`jaxee.data.get_source` name: 'digits', 'cifar10', 'celeba64',
@@ -37,13 +40,12 @@ Config schema (defaults in `jaxee/train/config_base.py` `base_config()`; every e
 Outputs in `workdir`: `config.json`, `metrics.jsonl` (one JSON line per log step: loss and the
 objective's metrics, grad/param norms, lr, steps/s), `tb/` (TensorBoard), `checkpoints/<step>/`
 (Orbax), `export/` (baseline: a converted checkpoint for `jaxee-sample`). Only process 0
-writes.
+writes, except the checkpoint arrays: every process writes its share of them (its own OCDBT
+store, `jaxee/train/checkpoint.py`).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
-
-from absl import logging
 
 from jaxee.train.config_base import METHODS  # noqa: F401  (re-exported for configs/tests)
 
@@ -51,21 +53,10 @@ from jaxee.train.config_base import METHODS  # noqa: F401  (re-exported for conf
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None) -> None:
-  """`jax.distributed.initialize` (CPU: gloo collectives); must run before any JAX work."""
-  import jax  # pylint: disable=g-import-not-at-top
-  # Cross-process collectives on CPU (used by the local multi-host check); a no-op elsewhere.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if coordinator_address:
-    kwargs["coordinator_address"] = coordinator_address
-  if num_processes is not None:
-    kwargs["num_processes"] = int(num_processes)
-  if process_id is not None:
-    kwargs["process_id"] = int(process_id)
-  jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  """`jax.distributed.initialize` (CPU: gloo collectives); must run before any JAX work
+  (`jaxee.distributed.initialize`, shared with the sampling CLI)."""
+  from jaxee import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:

@@ -218,6 +218,16 @@ class ParallelStep:
     """Puts a (host or single-device) state into this step's layout (always a copy)."""
     return self.place_replicated(state)
 
+  def restore_template(self, host_state: state_lib.TrainState) -> PyTree:
+    """What a checkpoint restore should produce for this layout: abstract arrays on the
+    replicated `NamedSharding` (restored in place, no host copy, already in this layout), or
+    the host state (pmap: then `place_state` it)."""
+    if self.kind == "pmap":
+      return host_state
+    repl = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                       sharding=repl), host_state)
+
   def place_replicated(self, tree: PyTree) -> PyTree:
     """Puts a host pytree (identical on every process) into the replicated layout: a leading
     device axis for pmap, `NamedSharding(mesh, P())` global arrays otherwise (always a copy)."""
@@ -237,6 +247,12 @@ class ParallelStep:
           local_batch)
     data = NamedSharding(self.mesh, P(DATA))
     return jax.tree.map(lambda x: _to_global(x, data), local_batch)
+
+  def adopt_restored(self, state: state_lib.TrainState) -> Tuple[state_lib.TrainState, jax.Array]:
+    """`(state, base key)` in this layout from a state restored onto `restore_template`."""
+    rng = state.rng
+    rng = np.asarray(rng.addressable_data(0)) if isinstance(rng, jax.Array) else rng
+    return (self.place_state(state) if self.kind == "pmap" else state), self.place_rng(rng)
 
   def place_rng(self, rng) -> jax.Array:
     """The base key in this step's layout (replicated)."""

@@ -151,10 +151,12 @@ def _cfg(section, name, default=None):
 
 
 def build_model(config):
-  """The backbone of `config.model` (`arch` + `overrides`)."""
+  """The backbone of `config.model`: `arch` + `overrides`, then `compute_dtype` / `remat`."""
   from jaxee import models  # pylint: disable=g-import-not-at-top
   overrides = dict(_cfg(config.model, "overrides", {}) or {})
-  return models.create(config.model.arch, **overrides)
+  return models.with_runtime(models.create(config.model.arch, **overrides),
+                             compute_dtype=_cfg(config.model, "compute_dtype", None),
+                             remat=_cfg(config.model, "remat", None))
 
 
 def init_params(config, model, rng) -> PyTree:
@@ -367,14 +369,17 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
       workdir / "checkpoints", keep=int(t.keep), async_save=bool(_cfg(t, "async_checkpoint", True)),
       fallback=bool(_cfg(t, "ckpt_fallback", False)))
   loader = make_loader(config)
-  restored = checkpointer.restore_latest(host_state)
+  ps = step_lib.make_train_step(t.parallel, loss_fn=setup.loss_fn, tx=tx,
+                                ema_decay=float(t.ema_decay),
+                                ema_warmup=_cfg(t, "ema_warmup", None))
+  restored = checkpointer.restore_latest(ps.restore_template(host_state))  # onto the layout
   start = 0
   if restored is None:
     workdir_lib.refuse_silent_restart(workdir, ckpt_every=int(t.ckpt_every),
                                       num_steps=int(t.num_steps))
   if restored is not None:
-    host_state, meta = restored
-    start = int(host_state.step)
+    restored_state, meta = restored
+    start = int(meta["step"])
     loader.restore(meta["loader"])
     load_host = getattr(setup, "load_host_state", None)
     if callable(load_host) and meta.get("host"):
@@ -396,12 +401,11 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
   if main:
     atomic_io.atomic_write_text(workdir / CONFIG_FILE, config_json)
 
-  ps = step_lib.make_train_step(t.parallel, loss_fn=setup.loss_fn, tx=tx,
-                                ema_decay=float(t.ema_decay),
-                                ema_warmup=_cfg(t, "ema_warmup", None))
-  state = ps.place_state(host_state)
-  rng = ps.place_rng(host_state.rng)
-  del host_state
+  if restored is None:
+    state, rng = ps.place_state(host_state), ps.place_rng(host_state.rng)
+  else:  # the saved base key (not a changed config's seed) keeps the resume exact
+    state, rng = ps.adopt_restored(restored_state)
+  del host_state, restored
   num_steps = int(t.num_steps)
   log_every, ckpt_every = int(t.log_every), int(t.ckpt_every)
   sleep_s = float(_cfg(t, "debug_step_sleep_s", 0.0))
@@ -475,8 +479,9 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
     elif metrics is not None:
       check_healthy(metrics, num_steps)
     checkpointer.wait()
-    final = ckpt_lib.to_host(ps.canonical_state(state))
-    summary.update(step=int(final.step), checkpoint_steps=checkpointer.all_steps())
+    final = ps.canonical_state(state)  # on device; only what is needed comes to the host
+    summary.update(step=int(ckpt_lib.to_host(final.step)),
+                   checkpoint_steps=checkpointer.all_steps())
   finally:
     bar.close()
     writer.close()
@@ -490,6 +495,6 @@ def train(config, workdir: os.PathLike | str, *, model=None, params=None) -> Dic
       logging.warning("export skipped in a multi-process run: rerun the same command in one "
                       "process to export from the final checkpoint")
     elif main:
-      export(workdir, weights)
+      export(workdir, ckpt_lib.to_host(weights))
   summary["workdir"] = str(workdir)
   return summary
