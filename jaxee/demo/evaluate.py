@@ -108,8 +108,10 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
         f"{quality['confidence']:.3f}  acc {quality['class_accuracy']:.3f}  layer ratio "
         f"{exits['layer_ratio']:.3f}  ideal saving {exits['ideal_saving']:+.3f}")
   pairs = [(name, "full") for name in feats if name != "full"]
-  if "ase" in feats and "ase_no_finetune" in feats:
-    pairs.append(("ase", "ase_no_finetune"))
+  for a, b in (("ase", "ase_no_finetune"), ("ase_searched", "ase_no_finetune"),
+               ("ase_searched_ft", "ase")):
+    if a in feats and b in feats:
+      pairs.append((a, b))
   for (name, other), std in paired_frechet_noise(metric, feats, pairs).items():
     records[name]["quality"][f"frechet_diff_std_vs_{other}"] = std
   raw = alternating_timing(calls, scale.timing_rounds)

@@ -105,10 +105,11 @@ def _train(config, workdir: pathlib.Path, model, params) -> dict:
 def train_backbone(arch: str, scale, seed: int, root: pathlib.Path, log: Log):
   """Stage 'backbone': the backbone's own loss from random init; returns (model, EMA params)."""
   model = demo_setup.create_model(arch, scale)
-  config = demo_setup.stage_config("baseline", arch, scale, seed,
-                                   num_steps=scale.backbone_steps, lr=scale.backbone_lr)
+  steps, lr = ((scale.unet_steps, scale.unet_lr) if arch == "unet"
+               else (scale.backbone_steps, scale.backbone_lr))
+  config = demo_setup.stage_config("baseline", arch, scale, seed, num_steps=steps, lr=lr)
   summary = _train(config, root / "backbone", None, None)
-  log(f"[{arch}] backbone: {scale.backbone_steps} steps, final loss "
+  log(f"[{arch}] backbone: {steps} steps, final loss "
       f"{summary['metrics'].get('loss', float('nan')):.4f}")
   loaded_model, params = convert.load_converted(root / "backbone" / "export")
   if loaded_model != model:
@@ -170,7 +171,7 @@ def optimise_masks(arch, scale, seed, root, model, params, log: Log):
                                    section=demo_setup.masks_section(arch, scale, seed))
   path = masks_obj.run(config, str(root / "masks"), model, params)
   plan = masks_lib.load_mask_plan(path)
-  log(f"[{arch}] masks: kept {plan.metadata['kept_fraction']:.3f} of block evaluations "
+  log(f"[{arch}] masks: kept {plan.metadata['kept_fraction']:.3f} of {plan.unit} evaluations "
       f"({plan.metadata['kept_fraction_raw']:.3f} before rectification)")
   return plan
 
@@ -368,6 +369,10 @@ def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) ->
     plan = clock.run("masks", lambda: optimise_masks(arch, scale, seed, root, model, params, log))
     info = {"kept_fraction": plan.metadata["kept_fraction"],
             "kept_fraction_raw": plan.metadata["kept_fraction_raw"],
-            "mask": np.asarray(plan.mask, int).tolist()}
+            "mask": np.asarray(plan.mask, int).tolist(), "unit": plan.unit,
+            "cache_mode": plan.cache_mode}
     variants.append(Variant("masks", "masks", params, plan, info))
+  from jaxee.demo import beyond  # pylint: disable=g-import-not-at-top
+  variants += beyond.beyond_variants(arch, scale, seed, root, model, params, variants, times,
+                                     clock, log)
   return ArchResult(arch, model, variants, clock.stages)

@@ -173,7 +173,8 @@ def save_plots(out: pathlib.Path, arch: str, record: dict, real_fd: float) -> di
   if "masks" in variants and "mask" in variants["masks"]["info"]:
     files["mask"] = report_lib.plot_mask(
         variants["masks"]["info"]["mask"], out / f"mask_{arch}.png",
-        f"TABM block mask, {arch.upper()}", tau=variants["masks"]["exits"]["tau"]).name
+        f"TABM mask ({variants['masks']['info'].get('unit', 'block')} units), {arch.upper()}",
+        tau=variants["masks"]["exits"]["tau"]).name
   return {k: str(v) for k, v in files.items()}
 
 
@@ -228,8 +229,35 @@ def _method_facts(record: dict) -> list:
                  f"rule '{i['rule']}'")
   if "masks" in v:
     i = v["masks"]["info"]
-    lines.append(f"- TABM: {i['kept_fraction']:.3f} of block evaluations kept after "
+    lines.append(f"- TABM ({i.get('unit', 'block')} units, {i.get('cache_mode', 'block_output')}"
+                 f" cache): {i['kept_fraction']:.3f} of unit evaluations kept after "
                  f"rectification ({i['kept_fraction_raw']:.3f} before)")
+  if "ase_searched" in v:
+    i = v["ase_searched"]["info"]
+    lines.append(f"- searched ASE schedule (`jaxee.exits.search`, calibration set ≠ evaluation "
+                 f"noise): {i['schedule']} at {i['flops_fraction']:.3f} of the full FLOPs, for "
+                 f"the paper table's {i['budget']:.3f} ({i['paper_schedule']})")
+  if "masks_searched" in v:
+    i = v["masks_searched"]["info"]
+    lines.append(f"- searched mask: {i['flops_fraction']:.3f} of the full FLOPs (TABM mask "
+                 f"{i['budget']:.3f}), {i['unit']} units, {i['cache_mode']} cache")
+  if "fora" in v:
+    i = v["fora"]["info"]
+    lines.append(f"- FORA: full network every {i['interval']} NFEs, {i['unit']} cache, "
+                 f"{i['flops_fraction']:.3f} of the FLOPs (matched to the TABM mask's "
+                 f"{i['target']:.3f})")
+  if "teacache" in v:
+    i = v["teacache"]["info"]
+    lines.append(f"- TeaCache: threshold {i['threshold']:.4g} (rule '{i['rule']}': the batch's "
+                 f"largest relative change decides, both CFG halves included), calibrated to "
+                 f"{i['calibration_flops_fraction']:.3f} of the FLOPs (target {i['target']:.3f})")
+  if "deepcache" in v:
+    i = v["deepcache"]["info"]
+    lines.append(f"- DeepCache: full U-Net every {i['interval']} NFEs, branch {i['branch']}, "
+                 f"{i['flops_fraction']:.3f} of the FLOPs (matched to the TABM mask's "
+                 f"{i['target']:.3f})")
+  from jaxee.demo import beyond  # pylint: disable=g-import-not-at-top
+  lines += beyond.searched_vs_paper(record)
   return lines
 
 

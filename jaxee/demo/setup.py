@@ -1,8 +1,8 @@
 """Settings of the end-to-end demo (`python -m jaxee.demo`) and the training configs it runs.
 
 The demo reproduces every method of jaxee at a scale that fits a laptop CPU: two small backbones
-(a DiT and a U-ViT, 8x8 single-channel, class-conditional) trained on the bundled scikit-learn
-digits (`jaxee.data.get_source('digits')`), then each method applied through the library's own
+(a DiT and a U-ViT, 8x8 single-channel, class-conditional) and a small unconditional DDPM U-Net
+(diffusers `UNet2DModel` layout) trained on the bundled scikit-learn digits (`jaxee.data.get_source('digits')`), then each method applied through the library's own
 training entry points (`jaxee.train.trainer.train` with a `config.method` of 'baseline', 'ase',
 'deediff', 'duodiff', and `jaxee.train.objectives.masks` for the block masks). This module holds:
 
@@ -32,8 +32,11 @@ from ml_collections import config_dict
 
 from jaxee.train import config_base
 
-ARCHS = ("dit", "uvit")
+ARCHS = ("dit", "uvit", "unet")
 METHOD_NAMES = ("ase", "deediff", "duodiff", "masks")
+# Beyond the papers (`jaxee.demo.beyond`): plan search and the training-free baselines.
+BEYOND_NAMES = ("search", "fora", "teacache")
+UNET_METHODS = ("masks", "deepcache")   # the U-Net takes block masks and DeepCache (no ASE/exits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,8 @@ class DemoScale:
   ema_decay: float = 0.999
   # Sampling and evaluation.
   sample_steps: int = 20         # DDIM steps (NFEs of the CFG-doubled batch)
-  guidance: tuple = (("dit", 3.0), ("uvit", 2.0))   # the same CFG strength in each convention
+  guidance: tuple = (("dit", 3.0), ("uvit", 2.0), ("unet", None))  # the same CFG strength in
+  # each convention; the U-Net is unconditional
   num_eval: int = 300            # samples per method (30 per class)
   timing_rounds: int = 7         # alternating rounds over all methods; medians reported
   classifier_steps: int = 400
@@ -87,8 +91,12 @@ class DemoScale:
   unet_channels: int = 16
   unet_steps: int = 1500
   unet_lr: float = 2e-3
+  # Plan search and baselines.
+  search_samples: int = 16       # calibration samples of the searches and TeaCache's threshold
+  teacache_bisections: int = 8
   # Which methods run on which backbone.
-  methods: tuple = (("dit", METHOD_NAMES), ("uvit", METHOD_NAMES))
+  methods: tuple = (("dit", METHOD_NAMES + BEYOND_NAMES), ("uvit", METHOD_NAMES + BEYOND_NAMES),
+                    ("unet", UNET_METHODS))
 
   def arch_value(self, field: str, arch: str) -> Any:
     """The per-arch entry of a `((arch, value), ...)` field."""
@@ -111,7 +119,8 @@ SCALES = {
         "micro", width=32, dit_depth=4, uvit_depth=4, num_heads=2, batch_size=16,
         backbone_steps=6, warmup_steps=1, sample_steps=6, num_eval=20, timing_rounds=2,
         classifier_steps=20, ase_steps=3, deediff_steps=3, duodiff_steps=3, masks_iters=2,
-        masks_samples=4, deediff_calib_samples=20, deediff_refine_iters=1),
+        masks_samples=4, deediff_calib_samples=20, deediff_refine_iters=1, unet_channels=8,
+        unet_steps=6, search_samples=2, teacache_bisections=2),
 }
 
 
@@ -134,9 +143,10 @@ def model_overrides(arch: str, scale: DemoScale) -> dict:
     # The DDPM U-Net layout (diffusers `UNet2DModel`, as `unet_ddpm_cifar10`) shrunk to 8x8
     # digits: two levels (8², 4² with attention), one ResNet per level, unconditional.
     c0 = scale.unet_channels
+    groups = min(8, c0)
     return dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(c0, 2 * c0),
                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=groups,
                 attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False,
                 downsample_padding=0, norm_eps=1e-6, default_schedule="linear_discrete")
   raise ValueError(f"unknown demo arch {arch!r}; choose from {ARCHS}")
@@ -239,7 +249,10 @@ def duodiff_section(arch: str, scale: DemoScale) -> dict:
 def masks_section(arch: str, scale: DemoScale, seed: int) -> dict:
   """`config.masks` (TABM) for the demo sampler (DDIM-`sample_steps` with the demo's CFG)."""
   guidance = scale.arch_value("guidance", arch)
-  return dict(sampler="ddim", steps=int(scale.sample_steps), labels="random",
+  # DiT: the paper's MHA/MLP units (TABM §3.2); U-ViT and U-Net: block units.
+  unit = "branch" if arch == "dit" else "block"
+  return dict(sampler="ddim", steps=int(scale.sample_steps),
+              labels="random" if arch != "unet" else "none", unit=unit,
               guidance=None if guidance is None else float(guidance),
               num_samples=int(scale.masks_samples), iters_per_step=int(scale.masks_iters),
               lambda1=float(scale.masks_lambda1), lambda2=float(scale.masks_lambda2),

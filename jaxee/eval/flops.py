@@ -115,10 +115,13 @@ def head_flops(model: Any) -> float:
 
 
 def num_blocks(model: Any) -> int:
-  """Total transformer blocks (U-ViT: in + mid + out)."""
+  """Total blocks (U-ViT: in + mid + out; U-Net: ResNet and attention blocks)."""
   if model.family == "dit":
     return model.depth
-  return 2 * model.num_in_blocks + 1
+  if model.family == "uvit":
+    return 2 * model.num_in_blocks + 1
+  from jaxee.models import backbone  # pylint: disable=g-import-not-at-top
+  return backbone.as_backbone(model, "block").num_units
 
 
 def full_block_flops(model: Any) -> float:

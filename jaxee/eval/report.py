@@ -156,6 +156,15 @@ def plot_flops(summaries: dict, path, title: str = "") -> pathlib.Path:
   return _save(fig, path)
 
 
+def pareto_front(points: dict) -> list:
+  """Names of the variants no other variant beats on both speed-up (higher) and FD (lower),
+  in order of increasing speed-up."""
+  names = [n for n, (sp, fd) in points.items()
+           if not any((s2 >= sp and f2 <= fd) and (s2 > sp or f2 < fd)
+                      for m, (s2, f2) in points.items() if m != n)]
+  return sorted(names, key=lambda n: points[n][0])
+
+
 def plot_quality_speed(points: dict, path, title: str = "", floor: Optional[float] = None
                        ) -> pathlib.Path:
   """Fréchet distance (y) vs realized wall-clock speed-up (x), one marker per variant.
@@ -167,12 +176,18 @@ def plot_quality_speed(points: dict, path, title: str = "", floor: Optional[floa
     floor: the real-data Fréchet distance (drawn as a horizontal line) or None.
   """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
   for name, (speedup, fd) in points.items():
     ax.scatter([speedup], [fd], s=36, color="black" if name == "full" else None)
     ax.annotate(name, (speedup, fd), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  front = pareto_front(points)
+  if len(front) > 1:
+    xs, ys = zip(*(points[n] for n in front))
+    ax.step(xs, ys, where="post", color="tab:red", linewidth=1, alpha=0.7,
+            label="Pareto front (faster and better)")
   if floor is not None:
     ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label="real held-out digits")
+  if floor is not None or len(front) > 1:
     ax.legend(fontsize=8)
   ax.axvline(1.0, color="black", linewidth=0.6, alpha=0.5)
   ax.set_xlabel("realized speed-up (wall clock, median, ×)")
