@@ -105,7 +105,8 @@ def evaluate_arch(result, metric, scale, seed: int, log: Callable[[str], None]) 
                              "first_call_s": round(first_s, 3), "info": variant.info}
     calls[variant.name] = call
     log(f"[{result.arch}] {variant.name:16s} FD {quality['frechet']:8.2f}  conf "
-        f"{quality['confidence']:.3f}  acc {quality['class_accuracy']:.3f}  layer ratio "
+        f"{quality['confidence']:.3f}  acc {report_lib.fmt(quality.get('class_accuracy'))}  "
+        f"layer ratio "
         f"{exits['layer_ratio']:.3f}  ideal saving {exits['ideal_saving']:+.3f}")
   pairs = [(name, "full") for name in feats if name != "full"]
   for a, b in (("ase", "ase_no_finetune"), ("ase_searched", "ase_no_finetune"),

@@ -249,13 +249,16 @@ def duodiff_section(arch: str, scale: DemoScale) -> dict:
 def masks_section(arch: str, scale: DemoScale, seed: int) -> dict:
   """`config.masks` (TABM) for the demo sampler (DDIM-`sample_steps` with the demo's CFG)."""
   guidance = scale.arch_value("guidance", arch)
-  # DiT: the paper's MHA/MLP units (TABM §3.2); U-ViT and U-Net: block units.
+  # DiT: the paper's MHA/MLP units (TABM §3.2), twice as many scores as blocks, so half the
+  # per-unit sparsity weight keeps the penalty per block where it was; U-ViT, U-Net: blocks.
   unit = "branch" if arch == "dit" else "block"
+  per_unit = 0.5 if unit == "branch" else 1.0
   return dict(sampler="ddim", steps=int(scale.sample_steps),
               labels="random" if arch != "unet" else "none", unit=unit,
               guidance=None if guidance is None else float(guidance),
               num_samples=int(scale.masks_samples), iters_per_step=int(scale.masks_iters),
-              lambda1=float(scale.masks_lambda1), lambda2=float(scale.masks_lambda2),
+              lambda1=per_unit * float(scale.masks_lambda1),
+              lambda2=per_unit * float(scale.masks_lambda2),
               lr=float(scale.masks_lr), init_score=0.9, sampling="bernoulli", threshold=0.5,
               rectify=True, loss_target="x_end", loss_norm="l2", seed=int(seed))
 
