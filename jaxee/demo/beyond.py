@@ -92,7 +92,8 @@ def fora_matched(arch, model, params, target: float, times, log: Log):
     if best is None or abs(frac - target) < abs(best[1] - target):
       best = (plan, frac, k)
   plan, frac, k = best
-  log(f"[{arch}] fora: interval {k} ({unit} cache), {frac:.3f} of the FLOPs (target {target:.3f})")
+  log(f"[{arch}] fora: interval {k} ({unit} cache), {frac:.3f} of the FLOPs (target {target:.3f};"
+      f" the closest FORA reaches)")
   return plan, {"interval": k, "unit": unit, "flops_fraction": frac, "target": target}
 
 
@@ -107,7 +108,8 @@ def _has_branches(bb_lib, model) -> bool:
 def teacache_matched(arch, scale, seed, model, params, target: float, log: Log):
   """TeaCache (rule 'max') with the threshold whose measured FLOP fraction is closest to `target`.
 
-  Bisection over the threshold on a calibration batch (not the evaluation noise): the fraction
+  Bisection over the threshold on a calibration batch as large as the evaluation's (rule 'max':
+  the batch's largest change decides, so the batch size matters) from other noise: the fraction
   falls as the threshold rises. Every probe reuses one compiled sampler (the threshold is a
   traced leaf).
   """
@@ -115,7 +117,7 @@ def teacache_matched(arch, scale, seed, model, params, target: float, log: Log):
   from jaxee.demo import evaluate as demo_eval  # pylint: disable=g-import-not-at-top
   from jaxee.eval import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from jaxee.exits import teacache  # pylint: disable=g-import-not-at-top
-  x_T, labels = demo_eval.eval_inputs(model, int(scale.search_samples), seed + 43)
+  x_T, labels = demo_eval.eval_inputs(model, int(scale.num_eval), seed + 43)
   full = flops_lib.backbone_flops(model)
   guidance = scale.arch_value("guidance", arch)
 

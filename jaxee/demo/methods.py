@@ -164,12 +164,13 @@ def train_duodiff(arch, scale, seed, root, model, params, log: Log):
   return dataclasses.replace(plan, shallow_params=None), shallow
 
 
-def optimise_masks(arch, scale, seed, root, model, params, log: Log):
+def optimise_masks(arch, scale, seed, root, model, params, log: Log, unit=None,
+                   stage: str = "masks"):
   """Stage 'masks': TABM mask optimisation along the teacher's DDIM trajectory."""
   from jaxee.train.objectives import masks as masks_obj  # pylint: disable=g-import-not-at-top
   config = demo_setup.stage_config("masks", arch, scale, seed, num_steps=1, lr=1.0,
-                                   section=demo_setup.masks_section(arch, scale, seed))
-  path = masks_obj.run(config, str(root / "masks"), model, params)
+                                   section=demo_setup.masks_section(arch, scale, seed, unit))
+  path = masks_obj.run(config, str(root / stage), model, params)
   plan = masks_lib.load_mask_plan(path)
   log(f"[{arch}] masks: kept {plan.metadata['kept_fraction']:.3f} of {plan.unit} evaluations "
       f"({plan.metadata['kept_fraction_raw']:.3f} before rectification)")
@@ -372,6 +373,13 @@ def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) ->
             "mask": np.asarray(plan.mask, int).tolist(), "unit": plan.unit,
             "cache_mode": plan.cache_mode}
     variants.append(Variant("masks", "masks", params, plan, info))
+    for unit in dict(scale.masks_extra_units).get(arch, ()):
+      extra = clock.run(f"masks_{unit}", lambda u=unit: optimise_masks(
+          arch, scale, seed, root, model, params, log, unit=u, stage=f"masks_{u}"))
+      variants.append(Variant(f"masks_{unit}", "masks", params, extra, {
+          "kept_fraction": extra.metadata["kept_fraction"],
+          "kept_fraction_raw": extra.metadata["kept_fraction_raw"], "unit": extra.unit,
+          "cache_mode": extra.cache_mode}))
   from jaxee.demo import beyond  # pylint: disable=g-import-not-at-top
   variants += beyond.beyond_variants(arch, scale, seed, root, model, params, variants, times,
                                      clock, log)

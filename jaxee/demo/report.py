@@ -23,7 +23,8 @@ from jaxee.eval import images as images_lib
 from jaxee.eval import report as report_lib
 
 ORDER = ("full", "ase", "ase_no_finetune", "ase_searched", "ase_searched_ft", "deediff",
-         "deediff_exact", "deediff_backbone", "duodiff", "masks", "masks_searched", "fora",
+         "deediff_exact", "deediff_backbone", "duodiff", "masks", "masks_block", "masks_searched",
+         "fora",
          "teacache", "deepcache")
 DESCRIPTIONS = {
     "full": "full backbone, every block at every step",
@@ -36,6 +37,7 @@ DESCRIPTIONS = {
     "deediff_backbone": "the DeeDiff jointly trained backbone without exits",
     "duodiff": "DuoDiff: shallow backbone for the noisiest steps",
     "masks": "TABM: learned mask + output cache (DiT: MHA/MLP units; U-ViT/U-Net: blocks)",
+    "masks_block": "TABM with one score per whole block (block-output cache), for comparison",
     "masks_searched": "searched mask at the TABM mask's FLOPs (training-free)",
     "fora": "FORA baseline: full network every k-th step, cached branch outputs between",
     "teacache": "TeaCache baseline: whole-step reuse when the accumulated input change is small",
@@ -232,6 +234,10 @@ def _method_facts(record: dict) -> list:
     lines.append(f"- TABM ({i.get('unit', 'block')} units, {i.get('cache_mode', 'block_output')}"
                  f" cache): {i['kept_fraction']:.3f} of unit evaluations kept after "
                  f"rectification ({i['kept_fraction_raw']:.3f} before)")
+  if "masks_block" in v:
+    i = v["masks_block"]["info"]
+    lines.append(f"- TABM per block (block-output cache): {i['kept_fraction']:.3f} of block "
+                 f"evaluations kept after rectification ({i['kept_fraction_raw']:.3f} before)")
   if "ase_searched" in v:
     i = v["ase_searched"]["info"]
     lines.append(f"- searched ASE schedule (`jaxee.exits.search`, calibration set ≠ evaluation "
@@ -282,16 +288,18 @@ def markdown(report: dict) -> str:
       f" — the scores of a perfect generator. Classifier held-out accuracy "
       f"{clf['heldout_accuracy']:.3f}.", ""]
   for arch, rec in report["archs"].items():
-    lines += [f"## {arch.upper()}: {rec['num_blocks']} blocks, width "
-              f"{rec['model']['hidden_size' if arch == 'dit' else 'embed_dim']}, "
+    cfg = rec["model"]
+    width = cfg.get("hidden_size", cfg.get("embed_dim", cfg.get("block_out_channels")))
+    lines += [f"## {arch.upper()}: {rec['num_blocks']} units, width {width}, "
               f"DDIM-{rec['sample_steps']}, CFG {rec['guidance']}, {rec['num_eval']} samples "
               "per variant", "", _arch_table(rec), ""]
     lines += [f"- `{n}`: {DESCRIPTIONS.get(n, n)}" for n in rec["variants"]]
     lines += _method_facts(rec) + [""]
     files = rec["files"]
     order = [n for n in ORDER if n in rec["variants"]]
-    lines += [f"Samples (one row per variant, top to bottom: {', '.join(order)}; columns: the "
-              "conditioning class 0–9; all rows from the same noise):", "",
+    lines += [f"Samples (one labelled row per variant, top to bottom: {', '.join(order)}; "
+              "columns: the conditioning class 0–9 (U-Net: unconditional); all rows from the "
+              "same noise):", "",
               f"![samples]({files['grids']['overview']}) "
               f"![exit depth]({files['plots']['exit_depth']})",
               f"![flops]({files['plots']['flops']}) "

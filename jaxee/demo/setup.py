@@ -69,7 +69,7 @@ class DemoScale:
   ase_schedule: tuple = (("dit", "D3-DiT"), ("uvit", "D2-U-ViT"))
   # DeeDiff.
   deediff_steps: int = 400
-  deediff_lr: float = 1e-3             # joint training moves the backbone too: half its peak lr
+  deediff_lr: float = 2e-4             # the paper's lr: joint training moves the backbone too
   deediff_target_ratio: float = 0.75   # θ is calibrated to this mean executed-block fraction
   deediff_min_fraction: float = 1.0
   deediff_refine_iters: int = 3        # closed-loop θ corrections (`refine_threshold`)
@@ -87,6 +87,9 @@ class DemoScale:
   masks_lambda1: float = 0.05
   masks_lambda2: float = 0.05
   masks_lr: float = 0.1
+  # DiT masks are learned at the paper's MHA/MLP granularity (`masks`) and, for comparison, per
+  # block (`masks_block`, the granularity of the demo before the paper-granularity change).
+  masks_extra_units: tuple = (("dit", ("block",)), ("uvit", ()), ("unet", ()))
   # The U-Net (unconditional; its own backbone steps).
   unet_channels: int = 16
   unet_steps: int = 1500
@@ -246,12 +249,15 @@ def duodiff_section(arch: str, scale: DemoScale) -> dict:
               t_switch=float(scale.duodiff_t_switch), rule="threshold", init="deep")
 
 
-def masks_section(arch: str, scale: DemoScale, seed: int) -> dict:
-  """`config.masks` (TABM) for the demo sampler (DDIM-`sample_steps` with the demo's CFG)."""
+def masks_section(arch: str, scale: DemoScale, seed: int, unit: Optional[str] = None) -> dict:
+  """`config.masks` (TABM) for the demo sampler (DDIM-`sample_steps` with the demo's CFG).
+
+  `unit`: default the paper's granularity — DiT: MHA/MLP sub-layers ('branch', TABM §3.2),
+  U-ViT and U-Net: blocks. Branch units are twice as many scores as blocks, so they get half
+  the per-unit sparsity weight (the penalty per block stays where it was).
+  """
   guidance = scale.arch_value("guidance", arch)
-  # DiT: the paper's MHA/MLP units (TABM §3.2), twice as many scores as blocks, so half the
-  # per-unit sparsity weight keeps the penalty per block where it was; U-ViT, U-Net: blocks.
-  unit = "branch" if arch == "dit" else "block"
+  unit = unit or ("branch" if arch == "dit" else "block")
   per_unit = 0.5 if unit == "branch" else 1.0
   return dict(sampler="ddim", steps=int(scale.sample_steps),
               labels="random" if arch != "unet" else "none", unit=unit,
