@@ -282,7 +282,9 @@ def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scal
   `min_fraction = 1` the slowest of hundreds of rows decides the depth, so the measured fraction
   is usually higher than predicted. Each iteration measures the real runner
   (`measured_exit_ratio`), shifts the open-loop target by the measured − predicted gap and
-  recalibrates on the recorded u; the θ whose *measured* fraction is closest to the target wins.
+  recalibrates on the recorded u; when that proposes a θ already tried, it bisects θ between the
+  closest measured θ on either side of the target instead (the measured fraction falls as θ
+  rises). The θ whose *measured* fraction is closest to the target wins.
   """
   target = cal["target_ratio"]
   tried = []
@@ -299,12 +301,26 @@ def refine_threshold(model, params, ee, uem: str, u: np.ndarray, cal: dict, scal
     shifted = float(np.clip(current["predicted_ratio"] - (measured - target), 0.0, 1.0))
     nxt = calibrate_threshold(u, shifted, scale.deediff_min_fraction)
     if any(abs(nxt["threshold"] - t["threshold"]) < 1e-12 for t in tried):
-      break
+      nxt = _bisected_threshold(u, tried, target, scale.deediff_min_fraction)
+      if nxt is None:
+        break
     current = nxt
   best = min(tried, key=lambda t: abs(t["measured_ratio"] - target))
   return dict(cal, threshold=best["threshold"], predicted_ratio=best["predicted_ratio"],
               calibration_measured_ratio=best["measured_ratio"], refinement=tried,
               open_loop_threshold=cal["threshold"])
+
+
+def _bisected_threshold(u: np.ndarray, tried: list, target: float, min_fraction: float):
+  """The midpoint θ between the largest tried θ that measured ≥ target (too few exits) and the
+  smallest that measured < target (too many), with its open-loop prediction; None if no gap."""
+  lo = max((t["threshold"] for t in tried if t["measured_ratio"] >= target), default=0.0)
+  hi = min((t["threshold"] for t in tried if t["measured_ratio"] < target), default=None)
+  if hi is None or hi - lo < 1e-6:
+    return None
+  mid = 0.5 * (lo + hi)
+  ratio = float(batched_exit_depths(u, mid, min_fraction).mean() / u.shape[1])
+  return {"threshold": mid, "predicted_ratio": ratio}
 
 
 def build_variants(arch: str, scale, seed: int, root: pathlib.Path, log: Log) -> ArchResult:

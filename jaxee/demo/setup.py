@@ -259,13 +259,19 @@ def masks_section(arch: str, scale: DemoScale, seed: int, unit: Optional[str] = 
   guidance = scale.arch_value("guidance", arch)
   unit = unit or ("branch" if arch == "dit" else "block")
   per_unit = 0.5 if unit == "branch" else 1.0
+  # Under per-sub-layer output replacement a unit's reconstruction gradient vanishes whenever a
+  # later unit of the same step is sampled off (its output is overwritten), so Adam's normalised
+  # steps follow the sparsity term alone for those draws; at lr 0.1 the DiT branch mask collapsed
+  # to ~35 % kept (FD +83), at 0.02 it keeps ~80 % (measured on the seed-0 backbone). Branch
+  # scores therefore take a fifth of the block step.
+  lr_scale = 0.2 if unit == "branch" else 1.0
   return dict(sampler="ddim", steps=int(scale.sample_steps),
               labels="random" if arch != "unet" else "none", unit=unit,
               guidance=None if guidance is None else float(guidance),
               num_samples=int(scale.masks_samples), iters_per_step=int(scale.masks_iters),
               lambda1=per_unit * float(scale.masks_lambda1),
               lambda2=per_unit * float(scale.masks_lambda2),
-              lr=float(scale.masks_lr), init_score=0.9, sampling="bernoulli", threshold=0.5,
+              lr=lr_scale * float(scale.masks_lr), init_score=0.9, sampling="bernoulli", threshold=0.5,
               rectify=True, loss_target="x_end", loss_norm="l2", seed=int(seed))
 
 
