@@ -232,3 +232,24 @@ def test_pareto_front_keeps_only_undominated_variants():
   points = {"full": (1.0, 10.0), "a": (1.5, 9.0), "b": (1.4, 12.0), "c": (2.0, 15.0),
             "d": (2.0, 16.0)}
   assert report_lib.pareto_front(points) == ["a", "c"]
+
+
+def test_refine_threshold_bisects_when_recalibration_repeats(monkeypatch):
+  # The real runner exits far more than the open-loop simulation predicts, so the shifted
+  # target recalibrates to a θ already tried; the refinement then bisects θ instead of stopping.
+  nfe, layers, batch = 6, 6, 16
+  rng = np.random.default_rng(3)
+  u = np.clip(np.linspace(0.9, 0.1, layers)[None, :, None]
+              + 0.02 * rng.normal(size=(nfe, layers, batch)), 0, 1)
+
+  def fake_measured(model, params, ee, uem, threshold, scale, seed, arch, layout="inputs"):
+    return float(np.clip(1.0 - 1.6 * threshold, 0.0, 1.0))   # falls as θ rises
+  monkeypatch.setattr(demo_methods, "measured_exit_ratio", fake_measured)
+  scale = dataclasses.replace(demo_setup.SCALES["micro"], deediff_refine_iters=6,
+                              deediff_min_fraction=1.0)
+  cal = demo_methods.calibrate_threshold(u, 0.75, 1.0)
+  out = demo_methods.refine_threshold(None, None, None, "token_mean", u, cal, scale, 0, "dit",
+                                      lambda _: None)
+  first = out["refinement"][0]["measured_ratio"]
+  assert abs(out["calibration_measured_ratio"] - 0.75) < abs(first - 0.75)
+  assert abs(out["calibration_measured_ratio"] - 0.75) < 0.05

@@ -16,7 +16,7 @@ Then, alternating in rounds (the order flips every round; every call ends with
 
 * `forward`: one network evaluation (batch `--batch`, fp32), `torch.inference_mode()` against
   a jitted `model.apply`;
-* `loop`: a whole DDIM-`--steps` sampling run — DiT: the official `create_diffusion(str(steps))`
+* `loop`: a whole DDIM-`--steps` sampling run — DiT: the official `create_diffusion(f"ddim{steps}")`
   `ddim_sample_loop` with `forward_with_cfg` at `--guidance` (the batch doubled for CFG) against
   `jaxee.sample(sampler='ddim', guidance=...)`, whose samples are compared too; U-ViT (CelebA is
   unconditional): a DDIM loop written here around the official network (the official repository
@@ -191,7 +191,9 @@ def bench_dit(args, torch, parts) -> list[dict]:
                     lambda: jax.block_until_ready(fwd(params, xj, tj, yj)), args.rounds)
     out.append(dict(common, part="forward", max_abs_diff=float(np.abs(ref - got).max()), **rec))
   if "loop" in parts:
-    diffusion = create_diffusion(str(args.steps))
+    # "ddimN": DiT's stride spacing (range(0, 1000, 1000 // N)), the grid jaxee's DDIM uses;
+    # plain "N" would be the evenly spaced sections of the ancestral sampler's respacing.
+    diffusion = create_diffusion(f"ddim{args.steps}")
     z = torch.from_numpy(x)
     y_null = torch.full_like(yt, 1000)
 
