@@ -112,3 +112,27 @@ def test_bf16_training_gradients_are_float32_and_close():
   print(f"bf16 training: loss {float(loss):.5f} vs {float(loss_b):.5f}; gradient relative "
         f"L2 deviation {dn / gn:.2e}")
   assert dn <= GRAD_REL_BOUND * gn
+
+
+def test_attention_auto_is_the_exact_path_off_gpu_and_refuses_unknown_impls():
+  """'auto' (the default) takes the explicit einsum path on CPU / in fp32 — bit-identical to
+  'xla' — and the fused (cuDNN on GPU) path only for bf16/fp16 on a GPU backend."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import pytest
+  from jaxee.models import layers
+  assert layers.resolve_attn_impl("auto", jnp.float32) == "xla"
+  want = "fused" if jax.default_backend() == "gpu" else "xla"
+  assert layers.resolve_attn_impl("auto", jnp.bfloat16) == want
+  assert layers.resolve_attn_impl("fused", jnp.float32) == "fused"
+  with pytest.raises(ValueError, match="attn_impl must be one of"):
+    layers.resolve_attn_impl("flash", jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
+  outs = {}
+  for impl in ("auto", "xla", "fused"):
+    mod = layers.Attention(16, 4, True, impl=impl)
+    p = mod.init(jax.random.PRNGKey(1), x)
+    outs[impl] = np.asarray(mod.apply(p, x))
+  np.testing.assert_array_equal(outs["auto"], outs["xla"])
+  np.testing.assert_allclose(outs["fused"], outs["xla"], atol=1e-5)

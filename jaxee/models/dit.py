@@ -46,7 +46,7 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = None
-  attn_impl: str = "xla"
+  attn_impl: str = "auto"
 
   def setup(self):
     d = self.hidden_size
@@ -132,7 +132,7 @@ class DiT(nn.Module):
   num_classes: int = 1000
   learn_sigma: bool = True
   dtype: Dtype = None  # compute dtype (None: the params' float32); params stay float32
-  attn_impl: str = "xla"
+  attn_impl: str = "auto"
   remat: bool = False  # rematerialise each block in the backward pass (`layers.block_fn`)
 
   family = "dit"

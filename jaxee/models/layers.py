@@ -92,6 +92,25 @@ def layer_norm(eps: float, affine: bool, dtype: Dtype = None, name: Optional[str
                       dtype=dtype, name=name)
 
 
+ATTN_IMPLS = ("auto", "xla", "fused")
+
+
+def resolve_attn_impl(impl: str, dtype) -> str:
+  """The attention path a layer takes: 'xla' (explicit einsums, exact in fp32) or 'fused'
+  (`jax.nn.dot_product_attention`, which XLA lowers to cuDNN flash attention on GPUs for bf16 /
+  fp16 operands).
+
+  'auto' (the default) is 'fused' on a GPU backend with bf16/fp16 operands and 'xla' everywhere
+  else — so fp32 and every CPU run keep the exact path the parity fixtures check.
+  """
+  if impl not in ATTN_IMPLS:
+    raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  low = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "fused" if low and jax.default_backend() == "gpu" else "xla"
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused `qkv` projection (timm / U-ViT `Attention`).
 
@@ -102,7 +121,7 @@ class Attention(nn.Module):
   num_heads: int
   qkv_bias: bool
   dtype: Dtype = None
-  impl: str = "xla"  # 'xla' (explicit, exact in fp32) or 'fused' (jax.nn.dot_product_attention)
+  impl: str = "auto"  # `ATTN_IMPLS`; see `resolve_attn_impl`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,7 +130,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * self.dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
-    if self.impl == "fused":
+    if resolve_attn_impl(self.impl, q.dtype) == "fused":
       out = jax.nn.dot_product_attention(q, k, v)
     else:
       # Head-major (B, H, N, Dh) operands: the same products and sums as the (B, N, H, Dh)

@@ -34,7 +34,7 @@ class UViTBlock(nn.Module):
   qkv_bias: bool = False
   skip: bool = False
   dtype: Dtype = None
-  attn_impl: str = "xla"
+  attn_impl: str = "auto"
 
   def setup(self):
     self.norm1 = layers.layer_norm(LN_EPS, affine=True, dtype=self.dtype)
@@ -90,7 +90,7 @@ class UViT(nn.Module):
   normalize_timesteps: bool = False
   cfg_null_class: Optional[int] = None  # set by presets whose label table has a null row
   dtype: Dtype = None  # compute dtype (None: the params' float32); params stay float32
-  attn_impl: str = "xla"
+  attn_impl: str = "auto"
   remat: bool = False  # rematerialise each block in the backward pass (`layers.block_fn`)
 
   family = "uvit"
