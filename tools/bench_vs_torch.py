@@ -145,6 +145,14 @@ def alternate(torch_call, jax_call, rounds: int) -> dict:
           "rounds": rounds, "round_ratios": [round(float(x), 3) for x in ratios]}
 
 
+def compared(torch_call, jax_call, rounds: int) -> dict:
+  """Max |difference| of the two calls' outputs (NCHW vs NHWC) and their `alternate` timing."""
+  ref = np.asarray(torch_call().numpy())
+  got = np.asarray(jax_call()).transpose(0, 3, 1, 2)
+  return dict(max_abs_diff=float(np.abs(ref - got).max()),
+              **alternate(torch_call, jax_call, rounds))
+
+
 def _randomise_zeros(torch, module) -> None:
   """Fills all-zero parameters (DiT's adaLN-Zero / final layer init) with N(0, 0.02)."""
   with torch.no_grad():
@@ -211,11 +219,8 @@ def bench_dit(args, torch, parts) -> list[dict]:
           model, params, jax.random.PRNGKey(0), x_T=xj, labels=yj, sampler="ddim",
           steps=args.steps, guidance=args.guidance))
 
-    ref = torch_loop().numpy()
-    got = np.asarray(jax_loop()).transpose(0, 3, 1, 2)
-    rec = alternate(torch_loop, jax_loop, args.rounds)
     out.append(dict(common, part=f"loop ddim{args.steps} cfg{args.guidance}",
-                    max_abs_diff=float(np.abs(ref - got).max()), **rec))
+                    **compared(torch_loop, jax_loop, args.rounds)))
   sys.path.remove(os.path.abspath(args.dit_src))
   return out
 
@@ -278,11 +283,8 @@ def bench_uvit(args, torch, parts) -> list[dict]:
       return jax.block_until_ready(jaxee.sample(model, params, jax.random.PRNGKey(0), x_T=xj,
                                                 sampler="ddim", steps=args.steps,
                                                 schedule="linear_discrete"))
-    ref = torch_loop().numpy()
-    got = np.asarray(jax_loop()).transpose(0, 3, 1, 2)
-    rec = alternate(torch_loop, jax_loop, args.rounds)
     out.append(dict(common, part=f"loop ddim{args.steps}",
-                    max_abs_diff=float(np.abs(ref - got).max()), **rec))
+                    **compared(torch_loop, jax_loop, args.rounds)))
   sys.path.remove(os.path.abspath(args.uvit_src))
   return out
 

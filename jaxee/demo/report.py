@@ -204,6 +204,35 @@ def _arch_table(record: dict) -> str:
   return report_lib.markdown_table(header, rows)
 
 
+# One report line per variant whose facts are all in its `info` (name, formatter).
+_INFO_FACTS = (
+    ("masks", lambda i: f"- TABM ({i.get('unit', 'block')} units, "
+                        f"{i.get('cache_mode', 'block_output')} cache): {i['kept_fraction']:.3f} "
+                        f"of unit evaluations kept after rectification "
+                        f"({i['kept_fraction_raw']:.3f} before)"),
+    ("masks_block", lambda i: f"- TABM per block (block-output cache): {i['kept_fraction']:.3f}"
+                              f" of block evaluations kept after rectification "
+                              f"({i['kept_fraction_raw']:.3f} before)"),
+    ("ase_searched", lambda i: f"- searched ASE schedule (`jaxee.exits.search`, calibration "
+                               f"set ≠ evaluation noise): {i['schedule']} at "
+                               f"{i['flops_fraction']:.3f} of the full FLOPs, for the paper "
+                               f"table's {i['budget']:.3f} ({i['paper_schedule']})"),
+    ("masks_searched", lambda i: f"- searched mask: {i['flops_fraction']:.3f} of the full FLOPs"
+                                 f" (TABM mask {i['budget']:.3f}), {i['unit']} units, "
+                                 f"{i['cache_mode']} cache"),
+    ("fora", lambda i: f"- FORA: full network every {i['interval']} NFEs, {i['unit']} cache, "
+                       f"{i['flops_fraction']:.3f} of the FLOPs (the closest FORA gets to the "
+                       f"TABM mask's {i['target']:.3f})"),
+    ("teacache", lambda i: f"- TeaCache: threshold {i['threshold']:.4g} (rule '{i['rule']}': "
+                           f"the batch's largest relative change decides, both CFG halves "
+                           f"included), calibrated to {i['calibration_flops_fraction']:.3f} of "
+                           f"the FLOPs (target {i['target']:.3f})"),
+    ("deepcache", lambda i: f"- DeepCache: full U-Net every {i['interval']} NFEs, branch "
+                            f"{i['branch']}, {i['flops_fraction']:.3f} of the FLOPs (matched "
+                            f"to the TABM mask's {i['target']:.3f})"),
+)
+
+
 def _method_facts(record: dict) -> list:
   lines = []
   v = record["variants"]
@@ -229,39 +258,7 @@ def _method_facts(record: dict) -> list:
     lines.append(f"- DuoDiff: {i['shallow_blocks']}-block shallow backbone for t ≥ 1000 − "
                  f"{i['t_switch']:g} ({i['shallow_nfes']} of {record['sample_steps']} NFEs), "
                  f"rule '{i['rule']}'")
-  if "masks" in v:
-    i = v["masks"]["info"]
-    lines.append(f"- TABM ({i.get('unit', 'block')} units, {i.get('cache_mode', 'block_output')}"
-                 f" cache): {i['kept_fraction']:.3f} of unit evaluations kept after "
-                 f"rectification ({i['kept_fraction_raw']:.3f} before)")
-  if "masks_block" in v:
-    i = v["masks_block"]["info"]
-    lines.append(f"- TABM per block (block-output cache): {i['kept_fraction']:.3f} of block "
-                 f"evaluations kept after rectification ({i['kept_fraction_raw']:.3f} before)")
-  if "ase_searched" in v:
-    i = v["ase_searched"]["info"]
-    lines.append(f"- searched ASE schedule (`jaxee.exits.search`, calibration set ≠ evaluation "
-                 f"noise): {i['schedule']} at {i['flops_fraction']:.3f} of the full FLOPs, for "
-                 f"the paper table's {i['budget']:.3f} ({i['paper_schedule']})")
-  if "masks_searched" in v:
-    i = v["masks_searched"]["info"]
-    lines.append(f"- searched mask: {i['flops_fraction']:.3f} of the full FLOPs (TABM mask "
-                 f"{i['budget']:.3f}), {i['unit']} units, {i['cache_mode']} cache")
-  if "fora" in v:
-    i = v["fora"]["info"]
-    lines.append(f"- FORA: full network every {i['interval']} NFEs, {i['unit']} cache, "
-                 f"{i['flops_fraction']:.3f} of the FLOPs (matched to the TABM mask's "
-                 f"{i['target']:.3f})")
-  if "teacache" in v:
-    i = v["teacache"]["info"]
-    lines.append(f"- TeaCache: threshold {i['threshold']:.4g} (rule '{i['rule']}': the batch's "
-                 f"largest relative change decides, both CFG halves included), calibrated to "
-                 f"{i['calibration_flops_fraction']:.3f} of the FLOPs (target {i['target']:.3f})")
-  if "deepcache" in v:
-    i = v["deepcache"]["info"]
-    lines.append(f"- DeepCache: full U-Net every {i['interval']} NFEs, branch {i['branch']}, "
-                 f"{i['flops_fraction']:.3f} of the FLOPs (matched to the TABM mask's "
-                 f"{i['target']:.3f})")
+  lines += [fmt(v[name]["info"]) for name, fmt in _INFO_FACTS if name in v]
   from jaxee.demo import beyond  # pylint: disable=g-import-not-at-top
   lines += beyond.searched_vs_paper(record)
   return lines
