@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--guidance", type=float, default=None, help="CFG scale (doubles the batch)")
   p.add_argument("--input-size", type=int, default=None, help="override latent side")
+  p.add_argument("--depth", type=int, default=None, help="override the block count (tiny runs)")
   p.add_argument("--dtype", default=None, help="model dtype override, e.g. bfloat16")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=7, help="minimum paired rounds")
@@ -93,6 +94,78 @@ def ci_halfwidth(rec: dict, ideal: float, draws: int) -> float:
   return (hi - lo) / 2 / ideal
 
 
+def timed_call(call, variant, seed) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one `call(variant, seed)` (which must block)."""
+  c0, t0 = time.process_time(), time.perf_counter()
+  call(variant, seed)
+  return time.perf_counter() - t0, time.process_time() - c0
+
+
+def paired_rounds(call, base, others, *, ideal: dict, repeats: int, max_repeats: int,
+                  budget_s: float, target_halfwidth: float, draws: int, seed0: int = 100):
+  """The paired, adaptive timing protocol of the module docstring (shared with bench_gpu).
+
+  Args:
+    call: `call(variant, seed)` runs one variant to completion (`block_until_ready`).
+    base: the reference variant (the full model).
+    others: [(name, variant)] timed against `base`, each in its own pair per round.
+    ideal: name → ideal saving (the efficiency interval's denominator; ≤ 0: no CI stop).
+    repeats / max_repeats: minimum / maximum rounds; budget_s: stop after this much timing.
+    target_halfwidth: stop once every efficiency 95 % interval is ± this.
+    draws: bootstrap resamples.
+    seed0: the first round's sampling seed (round r uses seed0 + r).
+
+  Returns:
+    (pairs, rounds, timing_s): pairs[name] = {'full', 'plan', 'full_cpu', 'plan_cpu'} lists of
+    per-round seconds.
+  """
+  pairs = {name: {"full": [], "plan": [], "full_cpu": [], "plan_cpu": []} for name, _ in others}
+  start = time.perf_counter()
+  rounds = 0
+  while True:
+    for name, var in others:
+      rec = pairs[name]
+      order = [("full", base), ("plan", var)]
+      if rounds % 2:
+        order.reverse()
+      for role, v in order:
+        wall, cpu = timed_call(call, v, seed0 + rounds)
+        rec[role].append(wall)
+        rec[f"{role}_cpu"].append(cpu)
+    rounds += 1
+    if rounds < repeats:
+      continue
+    widths = [ci_halfwidth(pairs[n], ideal.get(n, 0.0), draws) for n in pairs]
+    if (rounds >= max_repeats or time.perf_counter() - start > budget_s
+        or all(w <= target_halfwidth for w in widths)):
+      break
+  return pairs, rounds, time.perf_counter() - start
+
+
+def summarize_pair(rec_t: dict, idl: float, draws: int) -> dict:
+  """Savings and efficiencies of one plan's paired rounds (the fields of the module docstring)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ratios = np.asarray(rec_t["plan"]) / np.asarray(rec_t["full"])
+  cpu_ratios = np.asarray(rec_t["plan_cpu"]) / np.asarray(rec_t["full_cpu"])
+  lo, hi = bootstrap_median_ci(ratios, draws)
+  realized = 1.0 - float(np.median(ratios))
+  eff = (lambda saving: round(saving / idl, 4) if idl > 0 else None)
+  plan_s = statistics.median(rec_t["plan"])
+  full_s = statistics.median(rec_t["full"])
+  cpu_saving = 1.0 - float(np.median(cpu_ratios))
+  med_saving = 1.0 - plan_s / full_s
+  min_saving = 1.0 - min(rec_t["plan"]) / min(rec_t["full"])
+  return {"ideal_saving": round(idl, 4), "realized_saving": round(realized, 4),
+          "efficiency": eff(realized),
+          "efficiency_ci95": [eff(1.0 - hi), eff(1.0 - lo)] if idl > 0 else None,
+          "realized_saving_ci95": [round(1.0 - hi, 4), round(1.0 - lo, 4)],
+          "full_s": round(full_s, 4), "plan_s": round(plan_s, 4),
+          "round_ratios": [round(float(r), 4) for r in ratios],
+          "realized_saving_cpu": round(cpu_saving, 4), "efficiency_cpu": eff(cpu_saving),
+          "realized_saving_medians": round(med_saving, 4), "efficiency_medians": eff(med_saving),
+          "realized_saving_min": round(min_saving, 4), "efficiency_min": eff(min_saving)}
+
+
 def build(args, abstract: bool = False):
   """Model, random params (shapes only when `abstract`), labels, NFE times."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -104,6 +177,8 @@ def build(args, abstract: bool = False):
     side = {"dit": "input_size", "uvit": "img_size", "unet": "sample_size"}
     family = next((f for f in side if args.arch.startswith(f)), "uvit")
     overrides[side[family]] = args.input_size
+  if getattr(args, "depth", None):
+    overrides["depth"] = args.depth
   if getattr(args, "dtype", None):
     overrides["dtype"] = getattr(jnp, args.dtype)
   model = models.create(args.arch, **overrides)
@@ -135,7 +210,8 @@ def run(args) -> list[dict]:
     _, plan, p = variant
     out = jaxee.sample(model, p, jax.random.PRNGKey(seed), num=args.batch,
                        sampler=args.sampler, steps=args.steps, labels=labels,
-                       guidance=args.guidance, plan=plan, return_stats=True)
+                       guidance=args.guidance, plan=plan, return_stats=True,
+                       compute_dtype=getattr(args, "compute_dtype", None))
     return jax.block_until_ready(out)
 
   first, stats = {}, {}
@@ -148,40 +224,20 @@ def run(args) -> list[dict]:
   full_flops = flops_lib.backbone_flops(model)
   ideal = {v[0]: float(1.0 - np.mean(np.asarray(stats[v[0]]["flops"], np.float64)) / full_flops)
            for v in variants[1:]}
-  pairs = {v[0]: {"full": [], "plan": [], "full_cpu": [], "plan_cpu": []} for v in variants[1:]}
-
-  def timed(v, seed):
-    c0, t0 = time.process_time(), time.perf_counter()
-    call(v, seed)
-    return time.perf_counter() - t0, time.process_time() - c0
-
-  start = time.perf_counter()
-  rounds = 0
-  while True:
-    for v in variants[1:]:
-      rec = pairs[v[0]]
-      order = [("full", variants[0]), ("plan", v)]
-      if rounds % 2:
-        order.reverse()
-      for role, var in order:
-        wall, cpu = timed(var, 100 + rounds)
-        rec[role].append(wall)
-        rec[f"{role}_cpu"].append(cpu)
-    rounds += 1
-    if rounds < args.repeats:
-      continue
-    widths = [ci_halfwidth(pairs[s], ideal[s], args.bootstrap) for s in pairs]
-    if (rounds >= args.max_repeats or time.perf_counter() - start > args.budget_s
-        or all(w <= args.target_halfwidth for w in widths)):
-      break
+  others = [(v[0], v) for v in variants[1:]]
+  pairs, rounds, timing_s = paired_rounds(
+      call, variants[0], others, ideal=ideal, repeats=args.repeats,
+      max_repeats=args.max_repeats, budget_s=args.budget_s,
+      target_halfwidth=args.target_halfwidth, draws=args.bootstrap)
 
   all_full = [t for rec in pairs.values() for t in rec["full"]]
   full_s = statistics.median(all_full)
   device = jax.devices()[0]
   common = {
       "arch": args.arch, "sampler": args.sampler, "steps": args.steps, "batch": args.batch,
-      "guidance": args.guidance, "rounds": rounds, "warmup": args.warmup,
-      "timing_s": round(time.perf_counter() - start, 1),
+      "guidance": args.guidance, "compute_dtype": getattr(args, "compute_dtype", None),
+      "rounds": rounds, "warmup": args.warmup,
+      "timing_s": round(timing_s, 1),
       "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
       "host": platform.node(), "cpus": os.cpu_count(),
       "loadavg": [round(v, 2) for v in os.getloadavg()],
@@ -190,31 +246,10 @@ def run(args) -> list[dict]:
   }
   results = []
   for spec, _, _ in variants[1:]:
-    rec_t = pairs[spec]
-    idl = ideal[spec]
-    ratios = np.asarray(rec_t["plan"]) / np.asarray(rec_t["full"])
-    cpu_ratios = np.asarray(rec_t["plan_cpu"]) / np.asarray(rec_t["full_cpu"])
-    lo, hi = bootstrap_median_ci(ratios, args.bootstrap)
-    realized = 1.0 - float(np.median(ratios))
-    eff = (lambda saving: round(saving / idl, 4) if idl > 0 else None)
-    plan_s = statistics.median(rec_t["plan"])
-    rec = {"plan": spec, "ideal_saving": round(idl, 4), "realized_saving": round(realized, 4),
-           "efficiency": eff(realized),
-           "efficiency_ci95": [eff(1.0 - hi), eff(1.0 - lo)] if idl > 0 else None,
-           "realized_saving_ci95": [round(1.0 - hi, 4), round(1.0 - lo, 4)],
-           "full_s": round(statistics.median(rec_t["full"]), 4), "plan_s": round(plan_s, 4),
-           "compile_s": round(first[spec] - plan_s, 3),
-           "mean_blocks": round(float(np.mean(np.asarray(stats[spec]["blocks"]))), 3),
-           "round_ratios": [round(float(r), 4) for r in ratios]}
-    cpu_saving = 1.0 - float(np.median(cpu_ratios))
-    med_saving = 1.0 - plan_s / statistics.median(rec_t["full"])
-    min_saving = 1.0 - min(rec_t["plan"]) / min(rec_t["full"])
-    rec["realized_saving_cpu"] = round(cpu_saving, 4)
-    rec["efficiency_cpu"] = eff(cpu_saving)
-    rec["realized_saving_medians"] = round(med_saving, 4)
-    rec["efficiency_medians"] = eff(med_saving)
-    rec["realized_saving_min"] = round(min_saving, 4)
-    rec["efficiency_min"] = eff(min_saving)
+    rec = {"plan": spec}
+    rec.update(summarize_pair(pairs[spec], ideal[spec], args.bootstrap))
+    rec["compile_s"] = round(first[spec] - rec["plan_s"], 3)
+    rec["mean_blocks"] = round(float(np.mean(np.asarray(stats[spec]["blocks"]))), 3)
     rec.update(common)
     results.append(rec)
   return results
