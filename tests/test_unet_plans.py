@@ -156,3 +156,13 @@ def test_unet_runners_lower_to_conditionals(unet):
     hlo = jax.jit(f).lower(params, plan, x, jnp.int32(1)).compile().as_text()
     want = 12 if name == "mask" else 1
     assert len(re.findall(r"\bconditional\(", hlo)) >= want, name
+
+
+def test_sharded_sampling_reads_the_unet_sample_space():
+  """The sampling engine sizes its noise from the contract (a U-Net has no img_size/in_chans)."""
+  from jaxee import testing
+  from jaxee.sharded import run as run_lib
+  model, _ = testing.tiny_unet()
+  assert run_lib._sample_space(model) == (0, model.sample_size, model.in_channels)
+  dit, _ = testing.tiny_dit()
+  assert run_lib._sample_space(dit) == (dit.num_classes, dit.input_size, dit.in_channels)

@@ -49,6 +49,9 @@ import types
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_exits  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -116,13 +119,6 @@ class _StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 # ------------------------------------------------------------------------------------------------
 
 
-def bootstrap_ci(values, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-  v = np.asarray(values, np.float64)
-  idx = np.random.default_rng(seed).integers(0, len(v), size=(draws, len(v)))
-  meds = np.median(v[idx], axis=1)
-  return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
-
-
 def alternate(torch_call, jax_call, rounds: int) -> dict:
   """Per-round times of both calls (order flipping per round) and the ratio statistics."""
   t_times, j_times = [], []
@@ -135,7 +131,7 @@ def alternate(torch_call, jax_call, rounds: int) -> dict:
       call()
       (t_times if name == "torch" else j_times).append(time.perf_counter() - t0)
   ratios = np.asarray(t_times) / np.asarray(j_times)
-  lo, hi = bootstrap_ci(ratios)
+  lo, hi = bench_exits.bootstrap_median_ci(ratios, 2000)
   return {"jaxee_speed_vs_torch": round(float(np.median(ratios)), 3),
           "ci95": [round(lo, 3), round(hi, 3)],
           "torch_median_s": round(statistics.median(t_times), 4),

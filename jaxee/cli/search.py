@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
   group.add_argument("--speedup", type=float,
                      help="target speed-up S, converted to the FLOP fraction 1/S")
   p.add_argument("--family", choices=search.FAMILIES, help="plan family (default ase)")
-  p.add_argument("--unit", choices=("block", "branch"), help="mask units (default block)")
+  p.add_argument("--unit", choices=search.masks_lib.UNITS, help="mask units (default block)")
   p.add_argument("--no-monotone", dest="monotone", action="store_false",
                  help="allow ASE depths that grow toward noise")
   p.add_argument("--num", type=int, help="calibration samples (default 16)")

@@ -24,10 +24,9 @@ or, for TeaCache (dynamic), the runner's measured per-NFE `flops` statistics.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxee.demo import setup as demo_setup
@@ -66,10 +65,10 @@ def search_ase(arch, scale, seed, root: pathlib.Path, model, params, paper_plan,
   return res.plan, info, path
 
 
-def search_mask(arch, scale, seed, model, params, tabm_plan, times, log: Log):
-  """The searched mask at the TABM mask's FLOPs, same unit and cache; returns (plan, info)."""
+def search_mask(arch, scale, seed, model, params, tabm_plan, budget: float, log: Log):
+  """The searched mask at `budget` (the TABM mask's FLOP fraction), same unit and cache;
+  returns (plan, info)."""
   from jaxee.exits import search  # pylint: disable=g-import-not-at-top
-  budget = flops_fraction(model, params, tabm_plan, times)
   res = search.search_plan(model, params, family="mask", budget=budget, unit=tabm_plan.unit,
                            cache_mode=tabm_plan.cache_mode, **_search_kwargs(arch, scale, seed))
   info = {"budget": budget, "flops_fraction": res.flops_fraction, "objective": res.objective,
@@ -198,7 +197,7 @@ def beyond_variants(arch, scale, seed, root, model, params, variants: list, time
   target = None if tabm is None else flops_fraction(model, params, tabm.plan, times)
   if "search" in wanted and tabm is not None:
     plan, info = clock.run("search_mask", lambda: search_mask(
-        arch, scale, seed, model, params, tabm.plan, times, log))
+        arch, scale, seed, model, params, tabm.plan, target, log))
     out.append(Variant("masks_searched", "masks", params, plan, info))
   if "fora" in wanted and target is not None:
     plan, info = fora_matched(arch, model, params, target, times, log)
@@ -237,7 +236,3 @@ def searched_vs_paper(record: dict) -> list[str]:
                  f" ({verdict}{'' if std is None else f'; 2σ = {2 * std:.2f}'}), FLOPs "
                  f"{fa / fb:.3f}× the table's{why}")
   return lines
-
-
-def as_jnp(tree: Any) -> Any:
-  return jax.tree.map(jnp.asarray, tree)

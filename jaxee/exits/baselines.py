@@ -76,6 +76,6 @@ def fora_plan(model: Any, num_nfe: int, interval: int, unit: str = "branch") -> 
     raise ValueError(f"FORA with unit={unit!r} is not available for this model ({e}); "
                      "use unit='block' (spec fora:K:block)") from None
   mask = fora_mask(num_nfe, columns, interval)
-  cache_mode = "branch" if unit == "branch" else "block_output"
+  cache_mode = masks_lib.cache_mode_for(unit)
   return masks_lib.MaskPlan(mask, unit, cache_mode,
                             {"method": "fora", "interval": int(interval), "unit": unit})

@@ -85,10 +85,11 @@ def load_deediff_heads(path) -> Tuple[Dict[str, Any], dict]:
   return ee, meta
 
 
-def save_ase_plan(path, plan, family: str) -> str:
-  """Writes an ASE plan as JSON (name, schedule, family, time schedule, paper speed-up)."""
+def save_ase_plan(path, plan, family: str, **extra) -> str:
+  """Writes an ASE plan as JSON (name, schedule, family, time schedule, paper speed-up, and any
+  `extra` entries, e.g. a plan search's record)."""
   spec = {"name": plan.name, "schedule": list(plan.table), "family": family,
-          "time_schedule": plan.time_schedule, "speedup": plan.speedup}
+          "time_schedule": plan.time_schedule, "speedup": plan.speedup, **extra}
   atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
   return str(path)
 

@@ -70,10 +70,15 @@ def granularity(unit: str, cache_mode: str) -> str:
   return "block" if unit == "block" and cache_mode in OUTPUT_MODES else "branch"
 
 
-def output_replacement(unit: str, cache_mode: str) -> bool:
+def output_replacement(cache_mode: str) -> bool:
   """True when a skipped unit replaces the stream with its cached output (rectifiable)."""
-  del unit
   return cache_mode in OUTPUT_MODES
+
+
+def cache_mode_for(unit: str) -> str:
+  """The plain mask's cache for `unit`: block outputs for blocks, L2C's branch cache for
+  branches (the generated masks' and the search's default; TABM's is `default_cache_mode`)."""
+  return "branch" if unit == "branch" else "block_output"
 
 
 def default_cache_mode(unit: str) -> str:
@@ -146,7 +151,7 @@ class MaskPlan:
     is not dead when unit b+1 is skipped. Extra readers (U-ViT long skips; at 'branch' an
     in-block's MLP unit → the out-block's attention unit) come from `Backbone.skip_consumers`.
     """
-    if not output_replacement(self.unit, self.cache_mode):
+    if not output_replacement(self.cache_mode):
       raise ValueError("rectification is defined for output replacement (cache_mode "
                        f"{OUTPUT_MODES}), not cache_mode={self.cache_mode!r}")
     consumers = bb_lib.as_backbone(model, self.granularity).skip_consumers()

@@ -64,6 +64,7 @@ from jaxee import atomic_io
 from jaxee import validation
 from jaxee.exits import ase as ase_lib
 from jaxee.exits import composition
+from jaxee.exits import io as io_lib
 from jaxee.exits import masks as masks_lib
 from jaxee.models.backbone import as_backbone
 
@@ -134,11 +135,7 @@ class SearchResult:
     if isinstance(self.plan, ase_lib.ASEPlan):
       if path.suffix != ".json":
         raise ValueError(f"an ASE plan file is .json, got {path}")
-      spec = {"name": self.plan.name, "schedule": list(self.plan.table),
-              "family": self.plan.family, "time_schedule": self.plan.time_schedule,
-              "speedup": None, "search": record}
-      atomic_io.atomic_write(path, lambda f: json.dump(spec, f, indent=2), mode="w")
-      return str(path)
+      return io_lib.save_ase_plan(path, self.plan, self.plan.family, search=record)
     if path.suffix != ".npz":
       raise ValueError(f"a mask plan file is .npz, got {path}")
     mask_plan = self.plan if isinstance(self.plan, masks_lib.MaskPlan) else self.plan.cache
@@ -159,9 +156,8 @@ class _Space:
     self.use_ase, self.use_mask = family != "mask", family != "ase"
     self.monotone, self.min_depth = bool(monotone), int(min_depth)
     self.unit = unit
-    self.cache_mode = cache_mode or ("block_output" if unit == "block" else "branch")
-    if family != "mask" and masks_lib.output_replacement(unit, self.cache_mode) and (
-        unit == "branch"):
+    self.cache_mode = cache_mode or masks_lib.cache_mode_for(unit)
+    if family != "mask" and unit == "branch" and masks_lib.output_replacement(self.cache_mode):
       raise ValueError("a branch mask with cache_mode='unit_output' runs alone; use "
                        "family='mask'")
     self._flops = {}
@@ -169,7 +165,7 @@ class _Space:
       self.cap = ase_lib.capacity(model)
       if not 1 <= self.min_depth <= self.cap:
         raise ValueError(f"min_depth must be in [1, {self.cap}], got {min_depth}")
-      idx = ase_lib.ASEPlan((self.cap,) * 10).intervals(model, times)
+      idx = ase_lib.ASEPlan((self.cap,) * ase_lib.NUM_INTERVALS).intervals(model, times)
       self.used = np.isin(np.arange(ase_lib.NUM_INTERVALS), idx)
     if self.use_mask:
       self.shape = (len(times), masks_lib.num_units(model, unit))

@@ -146,7 +146,7 @@ def _mask_layout(words, spec, masks):
       raise ValueError(f"plan {spec!r}: unknown mask option {w!r} (a unit {masks.UNITS} and/or "
                        f"a cache mode {masks.CACHE_MODES})")
   unit = unit or "block"
-  return unit, cache_mode or ("branch" if unit == "branch" else "block_output")
+  return unit, cache_mode or masks.cache_mode_for(unit)
 
 
 def _existing(path: str, spec: str) -> pathlib.Path:

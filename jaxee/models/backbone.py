@@ -345,7 +345,7 @@ def run_all(bb: Backbone, params, state: State) -> State:
 
 
 def forward_units(bb: Backbone, params, x, t, y=None) -> jax.Array:
-  """embed → every unit → head: equals `bb.forward` (tested per family)."""
+  """embed → every unit → head: equals `module.apply` (tested per family)."""
   return bb.head(params, run_all(bb, params, bb.embed(params, x, t, y)))
 
 

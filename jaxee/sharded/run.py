@@ -207,11 +207,11 @@ def load_vae(config) -> tuple[Optional[vae_lib.AutoencoderKL], Any]:
 
 
 def _sample_space(model) -> tuple[int, int, int]:
-  """(num real classes or 0, spatial size, channels) of a backbone."""
-  if model.family == "dit":
-    return model.num_classes, model.input_size, model.in_channels
-  real = model.null_class if model.null_class is not None else max(model.num_classes, 0)
-  return real, model.img_size, model.in_chans
+  """(num real classes or 0, spatial size, channels) of a backbone (any family: the contract's
+  `input_shape`, `validation.num_real_classes`)."""
+  from jaxee.models import backbone as bb_lib  # pylint: disable=g-import-not-at-top
+  size, _, channels = bb_lib.as_backbone(model, "block").input_shape
+  return validation.num_real_classes(model), size, channels
 
 
 def _effective_guidance(model, guidance: Optional[float]) -> Optional[float]:
